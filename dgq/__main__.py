@@ -1,0 +1,5 @@
+import sys
+
+from dgq.cli import main
+
+sys.exit(main())

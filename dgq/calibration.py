@@ -1,0 +1,354 @@
+"""Calibration: run the FP pipeline once, keep only bit-width-independent statistics.
+
+For every quantized input ("site": a wrapped layer's input, or Q/K/V/probabilities of an
+attention module) and every calibrated timestep we keep
+
+* per-index min/max along both candidate axes (channel, pixel/token) — for convs also along the
+  output positions of the im2col view, which is what a pixel group scales;
+* per-tensor min/max and their EMA over calibration batches (momentum 0.95, the TFMQ baseline);
+* the spread metric D_d for both axes and K-means group labels for every K offered and both axes;
+* a fixed-size random sample of values over all timesteps (the Q-Diffusion MSE search);
+* log-domain histograms and maxima of the attention probabilities (`<start>` column apart).
+
+A scale for any bit-width is then one division, so switching W or A never recalibrates.
+Statistics are taken on the FP network (bit-width independence requires it; the authors'
+code gathers them on a provisionally quantized network, dgq-method.md H-9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dgq import primitives as P
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+GROUP_KS = (2, 4, 8, 16)
+ALL = -1  # key of the statistics aggregated over every timestep
+SAMPLE_PER_CALL = 256
+SAMPLE_MAX = 16384
+EMA_MOMENTUM = 0.95
+GROUPED_KINDS = ("conv", "linear", "q", "k", "v")
+
+
+@dataclass
+class SiteInfo:
+    """Static description of one quantized input."""
+
+    name: str
+    kind: str  # conv | linear | linear2 | q | k | v | p
+    cross: bool = False
+    channels: int = 0
+    pixel_shape: tuple[int, ...] = ()  # (H, W) for convs and spatial tokens, (T,) otherwise
+    conv: dict[str, Any] | None = None  # kernel_size, stride, padding, dilation
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """"x0" = statistics without the `<start>` token (cross-attention keys)."""
+        return ("full", "x0") if (self.kind == "k" and self.cross) else ("full",)
+
+    def out_pixel_shape(self) -> tuple[int, ...]:
+        if self.kind != "conv" or not self.conv:
+            return self.pixel_shape
+        h, w = self.pixel_shape
+        k, s, p, d = (self.conv[n] for n in ("kernel_size", "stride", "padding", "dilation"))
+        return ((h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1, (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1)
+
+    def needs_unfold(self) -> bool:
+        return bool(self.kind == "conv" and self.conv and (max(self.conv["kernel_size"]) > 1 or max(self.conv["stride"]) > 1))
+
+
+def _reduce_axes(x: torch.Tensor, kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Axes to reduce for per-channel and per-pixel statistics of a site's input."""
+    if kind == "conv":  # [B, C, H, W]
+        return (0, 2, 3), (0, 1)
+    if kind == "linear":  # [B, N, C]
+        return (0, 1), (0, 2)
+    # q/k/v: [B, heads, T, d] — channels (d) and tokens shared by all heads
+    return (0, 1, 2), (0, 1, 3)
+
+
+class StatsCollector:
+    """Aggregates statistics on the fly while the FP pipeline runs (bounded memory)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.sites: dict[str, SiteInfo] = {}
+        self.acc: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+        self.t: int | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def set_timestep(self, t: float) -> None:
+        self.t = int(round(t))
+
+    # ------------------------------------------------------------------ observation
+    def _update(self, site: str, t: int, vals: dict[str, torch.Tensor]) -> None:
+        acc = self.acc.setdefault((site, t), {})
+        for k, v in vals.items():
+            v = v.detach().float().cpu()
+            if k not in acc:
+                acc[k] = v.clone()
+            elif k.endswith("min"):
+                torch.minimum(acc[k], v, out=acc[k])
+            elif k.endswith("max"):
+                torch.maximum(acc[k], v, out=acc[k])
+            elif k.startswith("ema"):
+                acc[k].mul_(EMA_MOMENTUM).add_(v, alpha=1 - EMA_MOMENTUM)
+            else:  # histograms: sums
+                acc[k].add_(v)
+
+    def _register(self, site: str, kind: str, x: torch.Tensor, cross: bool, conv: dict | None) -> SiteInfo:
+        info = self.sites.get(site)
+        if info is None:
+            if kind == "conv":
+                ch, px = x.shape[1], tuple(x.shape[2:])
+            elif kind == "linear":
+                ch, px = x.shape[-1], (x.shape[1],)
+            elif kind in ("q", "k", "v"):
+                ch, px = x.shape[-1], (x.shape[2],)
+            else:
+                ch, px = (x.shape[-1], ()) if kind == "linear2" else (0, ())
+            info = SiteInfo(site, kind, cross, int(ch), tuple(int(p) for p in px), conv)
+            self.sites[site] = info
+        return info
+
+    @torch.no_grad()
+    def observe(self, site: str, x: torch.Tensor, kind: str, cross: bool = False, conv: dict | None = None) -> None:
+        """Record the input `x` of a site (kind: conv, linear, linear2, q, k, v)."""
+        if self.t is None:
+            raise RuntimeError("StatsCollector used outside a UNet call (no timestep set)")
+        x = x.detach().float()
+        info = self._register(site, kind, x, cross, conv)
+        lo, hi = P.minmax_range(x)
+        vals: dict[str, torch.Tensor] = {"tmin": x.min(), "tmax": x.max(), "ema_min": lo, "ema_max": hi}
+        if kind in GROUPED_KINDS:
+            ch_axes, px_axes = _reduce_axes(x, kind)
+            vals["ch_min"], vals["ch_max"] = x.amin(dim=ch_axes), x.amax(dim=ch_axes)
+            vals["px_min"], vals["px_max"] = x.amin(dim=px_axes).flatten(), x.amax(dim=px_axes).flatten()
+            if info.kind == "k" and cross:  # statistics without the <start> key row
+                rest = x[:, :, 1:]
+                vals["chx_min"], vals["chx_max"] = rest.amin(dim=(0, 1, 2)), rest.amax(dim=(0, 1, 2))
+                r_lo, r_hi = P.minmax_range(rest)
+                vals.update(tmin_x0=rest.min(), tmax_x0=rest.max(), ema_min_x0=r_lo, ema_max_x0=r_hi)
+        for key in (self.t, ALL):
+            self._update(site, key, vals)
+        flat = x.flatten()
+        idx = torch.randint(0, flat.numel(), (SAMPLE_PER_CALL,), generator=self.gen).to(flat.device)
+        self.samples.setdefault(site, []).append(torch.cat([flat[idx], flat.min()[None], flat.max()[None]]).cpu())
+
+    @torch.no_grad()
+    def observe_probs(self, site: str, p: torch.Tensor, cross: bool) -> None:
+        """Record softmax probabilities [B, heads, Nq, Nk]; the `<start>` column apart for cross."""
+        if self.t is None:
+            raise RuntimeError("StatsCollector used outside a UNet call (no timestep set)")
+        p = p.detach().float()
+        self._register(site, "p", p, cross, None)
+        rest = p[..., 1:] if cross else p
+        vals = {"hist": P.log_hist(rest), "pmax": p.max(), "pmax_rest": rest.max()}
+        vals["hist0"] = P.log_hist(p[..., 0]) if cross else torch.zeros(P.N_LOG_BINS + 1, dtype=torch.float64)
+        for key in (self.t, ALL):
+            self._update(site, key, vals)
+
+    # ------------------------------------------------------------------ finalize
+    def finalize(self, meta: dict[str, Any]) -> Calibration:
+        """Stack per-timestep statistics, derive D_d and K-means groups; return a Calibration."""
+        t_keys = sorted({t for (_, t) in self.acc if t != ALL}, reverse=True)
+        keys = t_keys + [ALL]
+        tensors: dict[str, torch.Tensor] = {}
+        for name, info in self.sites.items():
+            per_t = [self.acc[(name, t)] for t in keys]
+            for fld in per_t[0]:
+                tensors[f"{name}|{fld}"] = torch.stack([a[fld] for a in per_t])
+            if name in self.samples:
+                s = torch.cat(self.samples[name])
+                if s.numel() > SAMPLE_MAX:
+                    keep = torch.randperm(s.numel(), generator=self.gen)[:SAMPLE_MAX - 2]
+                    s = torch.cat([s[keep], s.min()[None], s.max()[None]])
+                tensors[f"{name}|sample"] = s
+            if info.kind == "conv" and info.needs_unfold():
+                tensors[f"{name}|opx_min"], tensors[f"{name}|opx_max"] = _output_position_stats(
+                    tensors[f"{name}|px_min"], tensors[f"{name}|px_max"], info)
+        calib = Calibration(tensors, {n: i for n, i in self.sites.items()}, keys, meta)
+        calib.derive_groups()
+        return calib
+
+
+def _output_position_stats(px_min: torch.Tensor, px_max: torch.Tensor, info: SiteInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-position min/max of a conv's receptive field (im2col columns), zero padding
+    included as in the authors' unfolded convolution."""
+    h, w = info.pixel_shape
+    c = info.conv
+    assert c is not None
+    pad = (c["padding"][1], c["padding"][1], c["padding"][0], c["padding"][0])
+    mx = F.pad(px_max.view(-1, 1, h, w), pad, value=0.0)
+    mn = F.pad(px_min.view(-1, 1, h, w), pad, value=0.0)
+    kw = dict(kernel_size=c["kernel_size"], stride=c["stride"], dilation=c["dilation"])
+    omax = F.max_pool2d(mx, **kw).flatten(1)
+    omin = -F.max_pool2d(-mn, **kw).flatten(1)
+    return omin, omax
+
+
+@dataclass
+class Calibration:
+    """Bit-width-independent statistics of one (model, prompts, steps, scheduler, resolution).
+
+    Tensors are stacked over `t_keys` (calibrated timesteps, descending, then `ALL`).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    sites: dict[str, SiteInfo]
+    t_keys: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ lookup
+    def t_index(self, t_key: int) -> int:
+        return self.t_keys.index(t_key)
+
+    def nearest_t(self, t: float) -> int:
+        """The calibrated timestep closest to `t` (another step count or scheduler still works)."""
+        steps = [k for k in self.t_keys if k != ALL]
+        return min(steps, key=lambda k: (abs(k - t), k))
+
+    def get(self, site: str, fld: str, t_key: int) -> torch.Tensor:
+        return self.tensors[f"{site}|{fld}"][self.t_index(t_key)]
+
+    def has(self, site: str, fld: str) -> bool:
+        return f"{site}|{fld}" in self.tensors
+
+    def axis_stats(self, site: str, t_key: int, axis: str, variant: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-index (min, max) along `axis` ("channel" or "pixel"), as the quantizer groups them."""
+        info = self.sites[site]
+        i = self.t_index(t_key)
+        if axis == "channel":
+            if variant == "x0":
+                return self.tensors[f"{site}|chx_min"][i], self.tensors[f"{site}|chx_max"][i]
+            return self.tensors[f"{site}|ch_min"][i], self.tensors[f"{site}|ch_max"][i]
+        pre = "opx" if info.needs_unfold() else "px"
+        lo, hi = self.tensors[f"{site}|{pre}_min"][i], self.tensors[f"{site}|{pre}_max"][i]
+        if variant == "x0":
+            lo, hi = lo[1:], hi[1:]
+        return lo, hi
+
+    def spread(self, site: str, t_key: int, variant: str = "full") -> tuple[float, float]:
+        """(D_channel, D_pixel)."""
+        d = self.tensors[f"{site}|D|{variant}"][self.t_index(t_key)]
+        return float(d[0]), float(d[1])
+
+    def chosen_axis(self, site: str, t_key: int, variant: str = "full") -> str:
+        """argmax_d D_d; ties go to the authors' dim-1 axis (pixel for linear/attention, channel for conv)."""
+        dc, dp = self.spread(site, t_key, variant)
+        if self.sites[site].kind == "conv":
+            return "pixel" if dp > dc else "channel"
+        return "channel" if dc > dp else "pixel"
+
+    def labels(self, site: str, t_key: int, axis: str, k: int, variant: str = "full") -> torch.Tensor:
+        return self.tensors[f"{site}|lab|{variant}|{axis}|{k}"][self.t_index(t_key)].long()
+
+    # ------------------------------------------------------------------ derivation
+    def derive_groups(self, ks: Sequence[int] = GROUP_KS) -> None:
+        """D_d for both axes and K-means labels for every K and both axes, batched by size."""
+        problems: dict[int, list[tuple[str, str, str, torch.Tensor]]] = {}
+        for name, info in self.sites.items():
+            if info.kind not in GROUPED_KINDS:
+                continue
+            for variant in info.variants:
+                d_rows = []
+                for t in self.t_keys:
+                    cl, ch = self.axis_stats(name, t, "channel", variant)
+                    pl, ph = self.axis_stats(name, t, "pixel", variant)
+                    d_rows.append(torch.stack([P.spread_metric(cl, ch), P.spread_metric(pl, ph)]))
+                self.tensors[f"{name}|D|{variant}"] = torch.stack(d_rows).float()
+                for axis in ("channel", "pixel"):
+                    pts = torch.stack([torch.stack(self.axis_stats(name, t, axis, variant), -1) for t in self.t_keys])
+                    problems.setdefault(pts.shape[1], []).append((name, variant, axis, pts))
+        for n_pts, items in problems.items():
+            allpts = torch.cat([it[3] for it in items])  # [G, P, 2]
+            for k in ks:
+                chunk = max(1, int(4e6 // (n_pts * k)))
+                labs = torch.cat([P.kmeans(allpts[i : i + chunk], k) for i in range(0, allpts.shape[0], chunk)])
+                off = 0
+                for name, variant, axis, pts in items:
+                    g = pts.shape[0]
+                    self.tensors[f"{name}|lab|{variant}|{axis}|{k}"] = labs[off : off + g].to(torch.uint8)
+                    off += g
+
+    # ------------------------------------------------------------------ io
+    def save(self, path: str | Path) -> None:
+        """Atomically write `<path>.safetensors` and `<path>.json` (metadata + checksum)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        tmp = st.with_name(st.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
+        digest = _sha256(tmp)
+        meta = dict(self.meta, format_version=FORMAT_VERSION, t_keys=self.t_keys, sha256=digest,
+                    sites={n: _site_to_json(i) for n, i in self.sites.items()})
+        tmp_js = js.with_name(js.name + ".tmp")
+        tmp_js.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, st)
+        os.replace(tmp_js, js)
+
+    @classmethod
+    def load(cls, path: str | Path, expect: dict[str, Any] | None = None) -> Calibration:
+        """Load and verify. Raises `CalibrationMismatch` when stale, mismatched or corrupted."""
+        path = Path(path)
+        st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        if not st.exists() or not js.exists():
+            raise CalibrationMismatch(f"no calibration at {path}")
+        try:
+            meta = json.loads(js.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CalibrationMismatch(f"unreadable calibration metadata {js}: {e}") from e
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CalibrationMismatch(f"calibration format {meta.get('format_version')} != {FORMAT_VERSION}")
+        for k, v in (expect or {}).items():
+            if meta.get(k) != v:
+                raise CalibrationMismatch(f"calibration was made for {k}={meta.get(k)!r}, not {v!r}")
+        if _sha256(st) != meta.get("sha256"):
+            raise CalibrationMismatch(f"checksum mismatch: {st} is corrupted")
+        try:
+            tensors = load_file(str(st))
+        except (SafetensorError, OSError) as e:
+            raise CalibrationMismatch(f"unreadable calibration tensors {st}: {e}") from e
+        sites = {n: _site_from_json(n, d) for n, d in meta.pop("sites").items()}
+        t_keys = [int(t) for t in meta.pop("t_keys")]
+        return cls(tensors, sites, t_keys, meta)
+
+
+class CalibrationMismatch(RuntimeError):
+    """A cached calibration that must not be used (stale, for another setup, or corrupted)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _site_to_json(i: SiteInfo) -> dict[str, Any]:
+    return {"kind": i.kind, "cross": i.cross, "channels": i.channels, "pixel_shape": list(i.pixel_shape), "conv": i.conv}
+
+
+def _site_from_json(name: str, d: dict[str, Any]) -> SiteInfo:
+    conv = d.get("conv")
+    if conv:
+        conv = {k: tuple(v) if isinstance(v, list) else v for k, v in conv.items()}
+    return SiteInfo(name, d["kind"], d["cross"], d["channels"], tuple(d["pixel_shape"]), conv)
+
+
+def prompts_hash(prompts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]

@@ -1,0 +1,223 @@
+"""`python -m dgq …`: calibrate, generate, bops (and eval/bench, see their modules).
+
+Every command has --help, shows progress bars on long work, and on bad input exits with status 2
+and a one-line message (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger("dgq")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise CliError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded), a local diffusers folder, or a Hub id (default: tiny)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="model dtype (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--cache-dir", default=None, help="calibration cache folder (default: $DGQ_CACHE or ~/.cache/dgq)")
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, choices=["fp", "qdiff", "tfmq", "dgq"])
+    p.add_argument("--w-bits", type=int, default=8, help="weight bits 2..8 (default 8; ignored for fp)")
+    p.add_argument("--a-bits", type=int, default=8, help="activation bits 4..8, 16 = off (default 8; ignored for fp)")
+    p.add_argument("--groups", type=int, default=16, help="DGQ groups K in {1,2,4,8,16} (default 16)")
+    p.add_argument("--no-groups", action="store_true", help="DGQ: per-tensor activations (ablation)")
+    p.add_argument("--axis", default="auto", choices=["auto", "channel", "pixel"], help="DGQ grouping axis rule")
+    p.add_argument("--no-log", action="store_true", help="DGQ: uniform instead of log2 probabilities")
+    p.add_argument("--no-start-token", action="store_true", help="DGQ: quantize the <start> column too")
+    p.add_argument("--static-scale", action="store_true", help="DGQ: calibrated instead of dynamic log scale")
+    p.add_argument("--scale-scope", default="sample", choices=["sample", "batch"], help="DGQ: dynamic max per prompt or per batch")
+    p.add_argument("--no-time-aware", action="store_true", help="DGQ: one parameter set for all timesteps")
+
+
+def config_from_args(a: argparse.Namespace):
+    from dgq.config import make_config  # noqa: PLC0415
+
+    opts: dict[str, Any] = {}
+    if a.method == "dgq":
+        opts = dict(groups=a.groups, use_groups=not a.no_groups, axis=a.axis, log_quant=not a.no_log,
+                    start_token=not a.no_start_token, dynamic_scale=not a.static_scale,
+                    scale_scope=a.scale_scope, time_aware=not a.no_time_aware)
+    return make_config(a.method, w_bits=a.w_bits, a_bits=a.a_bits, **opts)
+
+
+def _set_cache(a: argparse.Namespace) -> None:
+    if getattr(a, "cache_dir", None):
+        os.environ["DGQ_CACHE"] = a.cache_dir
+
+
+def _load(a: argparse.Namespace):
+    from dgq.loading import load_pipeline  # noqa: PLC0415
+
+    return load_pipeline(a.model, device=a.device, dtype=a.dtype)
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from dgq.studio import calibrate, read_prompts  # noqa: PLC0415
+
+    _set_cache(a)
+    prompts = read_prompts(a.prompts_file) if a.prompts_file else None
+    pipe = _load(a)
+    calib = calibrate(pipe, prompts, steps=a.steps, guidance=a.guidance, batch_size=a.batch_size)
+    print(json.dumps({"model": a.model, "sites": len(calib.sites), "timesteps": len(calib.t_keys) - 1,
+                      "seconds": calib.meta.get("seconds")}))
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from dgq.config import FPConfig  # noqa: PLC0415
+    from dgq.studio import Studio, calibrate, read_prompts  # noqa: PLC0415
+
+    _set_cache(a)
+    if (a.prompt is None) == (a.prompts_file is None):
+        raise CliError("generate: give exactly one of --prompt (with --out) or --prompts-file (with --out-dir)")
+    if a.prompt is not None and not a.out:
+        raise CliError("generate: --prompt needs --out img.png")
+    if a.prompts_file is not None and not a.out_dir:
+        raise CliError("generate: --prompts-file needs --out-dir D")
+    if a.prompt is not None and not a.prompt.strip():
+        raise CliError("generate: the prompt is empty")
+    config = config_from_args(a)
+    prompts = [a.prompt] if a.prompt is not None else read_prompts(a.prompts_file)
+    pipe = _load(a)
+    calib = None if isinstance(config, FPConfig) else calibrate(pipe, steps=a.calib_steps)
+    studio = Studio(pipe, calib)
+    if a.prompt is not None:
+        g = studio.generate(a.prompt, seed=a.seed, config=config, steps=a.steps, guidance=a.guidance)
+        if g.truncated:
+            log.warning("the prompt is longer than 77 tokens and was truncated")
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _save_png(g.image, out)
+        print(json.dumps({"out": str(out), "seconds": round(g.seconds, 3), "config": config.to_dict()}))
+        return 0
+    d = Path(a.out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(tqdm(prompts, desc=f"generating ({config.label()})", unit="img")):
+        g = studio.generate(p, seed=a.seed + i, config=config, steps=a.steps, guidance=a.guidance)
+        _save_png(g.image, d / f"{i:04d}.png")
+    settings = {"model": a.model, "config": config.to_dict(), "seed": a.seed, "seed_rule": "seed + prompt index",
+                "steps": a.steps, "guidance": a.guidance, "prompts": prompts}
+    tmp = d / "settings.json.tmp"
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, d / "settings.json")
+    print(json.dumps({"out_dir": str(d), "images": len(prompts)}))
+    return 0
+
+
+def _save_png(img, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def cmd_bops(a: argparse.Namespace) -> int:
+    from dgq.bops import build_unet, bops, count_macs, to_meta  # noqa: PLC0415
+
+    if (a.arch is None) == (a.model is None):
+        raise CliError("bops: give exactly one of --arch or --model")
+    for name, v, lo in (("--w-bits", a.w_bits, 2), ("--a-bits", a.a_bits, 4)):
+        if not (lo <= v <= 8 or v in (16, 32)):
+            raise CliError(f"bops: {name}={v} out of range; allowed {lo}..8, 16 or 32")
+    if a.arch is not None:
+        unet = build_unet(a.arch)
+    else:
+        from dgq.loading import load_pipeline  # noqa: PLC0415
+
+        unet = to_meta(load_pipeline(a.model, device="cpu").unet)
+    r = bops(count_macs(unet), a.w_bits, a.a_bits)
+    d = r.to_dict()
+    d["tbops"] = round(r.bops / 1e12, 3)
+    if a.json:
+        print(json.dumps(d))
+    else:
+        print(f"params {r.params / 1e6:.2f} M | MACs {r.macs / 1e9:.2f} G (attention {r.attention_macs / 1e9:.2f} G) | "
+              f"W{a.w_bits}A{a.a_bits}: {r.bops / 1e12:.1f} TBOPs | size {r.size_mb:.1f} MB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m dgq", description="DGQ Studio: quantize SD-1.x UNets with DGQ and baselines.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("calibrate", help="collect bit-width-independent statistics (cached)")
+    _add_model_args(c)
+    c.add_argument("--prompts-file", default=None, help="one prompt per line (default: 64 built-in prompts)")
+    c.add_argument("--steps", type=int, default=25)
+    c.add_argument("--guidance", type=float, default=7.5)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.set_defaults(func=cmd_calibrate)
+
+    g = sub.add_parser("generate", help="generate images with one method")
+    _add_model_args(g)
+    _add_quant_args(g)
+    g.add_argument("--prompt", default=None)
+    g.add_argument("--out", default=None, help="PNG path (with --prompt)")
+    g.add_argument("--prompts-file", default=None, help="one prompt per line; writes D/0000.png … and D/settings.json")
+    g.add_argument("--out-dir", default=None)
+    g.add_argument("--seed", type=int, default=0, help="seed (batch mode: seed + prompt index)")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--calib-steps", type=int, default=25, help="steps of the calibration to use (default 25)")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bops", help="BOPs, MACs, parameters and size (no weights needed for --arch)")
+    b.add_argument("--arch", default=None, choices=["sd-v1-4"])
+    b.add_argument("--model", default=None)
+    b.add_argument("--w-bits", type=int, default=32)
+    b.add_argument("--a-bits", type=int, default=32)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bops)
+
+    for name, module in (("eval", "dgq.evaluate"), ("bench", "dgq.bench")):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        a = parser.parse_args(argv)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from dgq.calibration import CalibrationMismatch  # noqa: PLC0415
+    from dgq.loading import ModelLoadError  # noqa: PLC0415
+
+    func: Callable[[argparse.Namespace], int] = a.func
+    try:
+        return func(a)
+    except (CliError, ModelLoadError, CalibrationMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,186 @@
+"""Quantization configs: frozen dataclasses that name a variant (FP, baseline PTQ, DGQ).
+
+A config says *what* to simulate; the calibration statistics say *how* (ranges, groups). The
+same calibration serves every config, so a config is cheap to build and to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+CONFIG_VERSION = 1
+GROUP_CHOICES = (1, 2, 4, 8, 16)
+W_BITS = range(2, 9)
+A_BITS = range(4, 9)
+OFF = 16  # bit-width meaning "not quantized"
+
+
+class Axis(str, Enum):
+    """Grouping axis rule: the spread metric D_d picks per (layer, timestep), or forced."""
+
+    AUTO = "auto"
+    CHANNEL = "channel"
+    PIXEL = "pixel"
+
+
+class BaselineStyle(str, Enum):
+    """The paper's two comparison rows (Table 2)."""
+
+    QDIFF = "qdiff"  # per-tensor, one MSE-calibrated set for all timesteps
+    TFMQ = "tfmq"  # per-tensor, one min/max set per timestep
+
+
+class ScaleScope(str, Enum):
+    """Over what the dynamic log scale's max is taken."""
+
+    SAMPLE = "sample"  # per prompt (the paper's "prompt-specific" scale)
+    BATCH = "batch"  # whole batched tensor, CFG halves included (the authors' code)
+
+
+def _check_bits(name: str, value: int, allowed: range) -> None:
+    if not isinstance(value, int) or (value not in allowed and value != OFF):
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed.start}..{allowed.stop - 1} or {OFF} (off)")
+
+
+@dataclass(frozen=True)
+class FPConfig:
+    """Full precision: the wrapped modules behave exactly like the original ones."""
+
+    method: ClassVar[str] = "fp"
+    w_bits: ClassVar[int] = 32
+    a_bits: ClassVar[int] = 32
+
+    def label(self) -> str:
+        return "FP32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "fp", "version": CONFIG_VERSION}
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Baseline PTQ sharing DGQ's weights: per-tensor activations, uniform attention probabilities.
+
+    Args:
+        w_bits (`int`, defaults to 8): weight bits, per output channel, MSE-searched clipping.
+        a_bits (`int`, defaults to 8): activation bits (also Q, K, V and probabilities).
+        style (`str`, defaults to `"tfmq"`): `"tfmq"` = per-timestep min/max ranges,
+            `"qdiff"` = one MSE-calibrated range for all timesteps.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    style: BaselineStyle = BaselineStyle.TFMQ
+    method: ClassVar[str] = "baseline"
+
+    def __post_init__(self) -> None:
+        _check_bits("w_bits", self.w_bits, W_BITS)
+        _check_bits("a_bits", self.a_bits, A_BITS)
+        try:
+            object.__setattr__(self, "style", BaselineStyle(self.style))
+        except ValueError:
+            raise ValueError(f"style={self.style!r}; allowed: {[s.value for s in BaselineStyle]}") from None
+
+    def label(self) -> str:
+        name = "Q-Diffusion" if self.style is BaselineStyle.QDIFF else "TFMQ-DM"
+        return f"{name} W{self.w_bits}A{self.a_bits}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(method=self.style.value, style=self.style.value, version=CONFIG_VERSION)
+        return d
+
+
+@dataclass(frozen=True)
+class DGQConfig:
+    """DGQ: outlier-preserving group quantization + attention-aware quantization + time-aware sets.
+
+    Args:
+        w_bits (`int`, defaults to 8): weight bits (shared with the baselines).
+        a_bits (`int`, defaults to 8): activation and attention-probability bits.
+        groups (`int`, defaults to 16): K, the number of K-means groups (1, 2, 4, 8, 16).
+        use_groups (`bool`, defaults to True): off = per-tensor activations (the ablation).
+        axis (`str`, defaults to `"auto"`): grouping axis rule (`auto` = argmax of D_d).
+        log_quant (`bool`, defaults to True): base-2 log quantizer for the probabilities
+            (off = uniform, as the baselines).
+        start_token (`bool`, defaults to True): keep the `<start>` column (and key row) of
+            cross-attention in full precision and out of the scale.
+        dynamic_scale (`bool`, defaults to True): log scale from the current tensor's max;
+            off = a calibrated per-timestep scale (best of the 0.999/0.9999/0.99999 quantiles).
+        scale_scope (`str`, defaults to `"sample"`): dynamic max per prompt or per batch.
+        time_aware (`bool`, defaults to True): one parameter set per calibrated timestep
+            (off = one set for all timesteps).
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    groups: int = 16
+    use_groups: bool = True
+    axis: Axis = Axis.AUTO
+    log_quant: bool = True
+    start_token: bool = True
+    dynamic_scale: bool = True
+    scale_scope: ScaleScope = ScaleScope.SAMPLE
+    time_aware: bool = True
+    method: ClassVar[str] = "dgq"
+
+    def __post_init__(self) -> None:
+        _check_bits("w_bits", self.w_bits, W_BITS)
+        _check_bits("a_bits", self.a_bits, A_BITS)
+        if self.groups not in GROUP_CHOICES:
+            raise ValueError(f"groups={self.groups!r}; allowed: {list(GROUP_CHOICES)}")
+        for name, enum in (("axis", Axis), ("scale_scope", ScaleScope)):
+            try:
+                object.__setattr__(self, name, enum(getattr(self, name)))
+            except ValueError:
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {[e.value for e in enum]}") from None
+
+    @property
+    def effective_groups(self) -> int:
+        return self.groups if self.use_groups else 1
+
+    def label(self) -> str:
+        off = [n for n, v in (("groups", self.use_groups), ("log", self.log_quant), ("start", self.start_token),
+                              ("dynamic", self.dynamic_scale), ("time", self.time_aware)) if not v]
+        extra = (" axis=" + self.axis.value) if self.axis is not Axis.AUTO else ""
+        extra += (" no-" + ",no-".join(off)) if off else ""
+        return f"DGQ W{self.w_bits}A{self.a_bits} K={self.effective_groups}{extra}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(axis=self.axis.value, scale_scope=self.scale_scope.value, method="dgq", version=CONFIG_VERSION)
+        return d
+
+
+QuantConfig = FPConfig | BaselineConfig | DGQConfig
+FP = FPConfig()
+
+
+def config_from_dict(d: dict[str, Any]) -> QuantConfig:
+    """Inverse of `to_dict` (validates everything again)."""
+    d = dict(d)
+    version = d.pop("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ValueError(f"config version {version} is not supported (expected {CONFIG_VERSION})")
+    method = d.pop("method", None)
+    if method == "fp":
+        return FP
+    if method in ("qdiff", "tfmq", "baseline"):
+        d.setdefault("style", method if method != "baseline" else "tfmq")
+        return BaselineConfig(**d)
+    if method == "dgq":
+        return DGQConfig(**d)
+    raise ValueError(f"unknown method {method!r}; allowed: fp, qdiff, tfmq, dgq")
+
+
+def make_config(method: str, w_bits: int = 8, a_bits: int = 8, **dgq_options: Any) -> QuantConfig:
+    """Build a config from a method name as used by the CLI and the app."""
+    if method == "fp":
+        return FP
+    if method in ("qdiff", "tfmq"):
+        return BaselineConfig(w_bits=w_bits, a_bits=a_bits, style=method)
+    if method == "dgq":
+        return DGQConfig(w_bits=w_bits, a_bits=a_bits, **dgq_options)
+    raise ValueError(f"unknown method {method!r}; allowed: fp, qdiff, tfmq, dgq")

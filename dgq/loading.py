@@ -1,0 +1,94 @@
+"""Loading pipelines: the embedded model, a local diffusers folder, or a Hub id.
+
+Every failure becomes one `ModelLoadError` that names the model and how to supply it, so the CLI
+and the app can show one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS = REPO_ROOT / "assets"
+TINY_DIR = ASSETS / "tiny-sd"
+ALIASES = {
+    "tiny": str(TINY_DIR),
+    "sd-v1-4": "CompVis/stable-diffusion-v1-4",
+    "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded, with the reason and what to do about it."""
+
+
+def resolve_model(model: str) -> str:
+    return ALIASES.get(model, model)
+
+
+def is_embedded(model: str) -> bool:
+    return Path(resolve_model(model)).resolve() == TINY_DIR.resolve()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.dtype | str | None = None):
+    """Load a Stable Diffusion 1.x pipeline.
+
+    Args:
+        model (`str`): "tiny" (the embedded model), an alias ("sd-v1-4"), a local diffusers folder,
+            or a Hub id such as "CompVis/stable-diffusion-v1-4".
+        device (`str`, *optional*): "cpu" or "cuda"; defaults to CUDA when available.
+        dtype (*optional*): torch.float32 (default on CPU) or torch.float16 (default on CUDA).
+
+    Returns:
+        a `StableDiffusionPipeline` with `pipe.dgq_model_id` set to the resolved id.
+
+    Raises:
+        ModelLoadError: the model is missing or unreachable; the message says how to supply it.
+
+    Example:
+        >>> pipe = dgq.load_pipeline("tiny")
+    """
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415 - heavy import
+
+    device = device or default_device()
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    source = resolve_model(model)
+    local = Path(source).expanduser()
+    looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not local.exists():
+        raise ModelLoadError(f"model folder {local} does not exist: pass a diffusers folder (with model_index.json) or a Hub id")
+    if local.exists():
+        if not (local / "model_index.json").exists():
+            raise ModelLoadError(f"{local} is not a diffusers pipeline folder (no model_index.json)")
+        kwargs = {"local_files_only": True}
+        source = str(local)
+    else:
+        kwargs = {}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one clear error
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (f"cannot load model {model!r} ({source}): {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
+                "Supply it as a local diffusers folder (--model /path/to/folder), pre-download it into the "
+                "Hugging Face cache (huggingface-cli download ...) and set HF_HUB_OFFLINE=1, "
+                "or use --model tiny (the embedded model)")
+        if offline:
+            hint += "; HF_HUB_OFFLINE=1 is set, so only the local cache was searched"
+        raise ModelLoadError(hint) from e
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.dgq_model_id = model if model in ALIASES else source
+    return pipe

@@ -1,0 +1,248 @@
+"""Pure quantization math: no modules, no state, unit-tested one function at a time.
+
+Conventions (the authors' code, dgq-method.md §A.3, §B.3, §C.1, H-1):
+* uniform asymmetric: ``s = (hi − lo)/(2^b − 1)``, ``z = round(−lo/s)``,
+  ``q = clamp(round(x/s) + z, 0, 2^b − 1)``, ``x̂ = s·(q − z)``;
+* base-2 log: ``q = round(−log2(x/s))``; codes 0 … 2^b − 2 dequantize to ``s·2^−q``, the last code
+  means exactly zero (zeros and underflow), so every output is ``s·2^−k`` or 0 with b bits;
+* all arithmetic in fp32, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-8
+
+# Log-domain histogram used for attention probabilities: bins of 1/8 octave over [2^-40, 2^0].
+LOG2_MIN, LOG2_BINS_PER_OCTAVE = -40.0, 8
+N_LOG_BINS = int(-LOG2_MIN * LOG2_BINS_PER_OCTAVE)  # + one underflow bin (index 0) in storage
+LOG_QUANTILES = (0.999, 0.9999, 0.99999)
+
+
+# ----------------------------------------------------------------------------- uniform
+def uniform_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero-point for the range [lo, hi] (elementwise; any shape)."""
+    lo, hi = lo.float(), hi.float()
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(EPS)
+    zero = torch.round(-lo / scale)
+    return scale, zero
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize with broadcastable scale/zero-point; returns fp32."""
+    q = torch.clamp(torch.round(x.float() / scale) + zero, 0, 2**bits - 1)
+    return (q - zero) * scale
+
+
+def quant_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (for tests and storage)."""
+    return torch.clamp(torch.round(x.float() / scale) + zero, 0, 2**bits - 1)
+
+
+def minmax_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor range stretched to include 0 (the authors' `minmax`)."""
+    return x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+
+
+def _lp_err(x: torch.Tensor, xq: torch.Tensor, p: float, dim: int | None) -> torch.Tensor:
+    d = (x - xq).abs().pow(p)
+    return d.mean() if dim is None else d.mean(dim=dim)
+
+
+def mse_search(x: torch.Tensor, bits: int, p: float = 2.4, n: int = 80, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipping range by the authors' search: shrink min and max by (1 − 0.01·i), i < n; keep the
+    candidate with the lowest mean |x − x̂|^p. `dim=None` is per tensor; `dim=1` with a 2-D `x` is
+    per row (per output channel for weights). Returns (lo, hi)."""
+    x = x.float()
+    if dim is None:
+        lo0, hi0 = minmax_range(x)
+    else:
+        lo0 = x.amin(dim=dim).clamp(max=0.0)
+        hi0 = x.amax(dim=dim).clamp(min=0.0)
+    best = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for i in range(n):
+        f = 1.0 - 0.01 * i
+        lo, hi = lo0 * f, hi0 * f
+        s, z = uniform_qparams(lo, hi, bits)
+        if dim is None:
+            err = _lp_err(x, fake_quant(x, s, z, bits), p, None)
+        else:
+            err = _lp_err(x, fake_quant(x, s[:, None], z[:, None], bits), p, dim)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+def quantize_weight(w: torch.Tensor, bits: int, search: str = "mse") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-output-channel asymmetric weight quantization. Returns (uint8 codes, scale, zero).
+
+    `search="mse"` is the authors' 80-candidate L2.4 search; `"minmax"` the plain range.
+    """
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    if search == "mse":
+        lo, hi = mse_search(w2, bits, dim=1)
+    elif search == "minmax":
+        lo, hi = w2.amin(1).clamp(max=0.0), w2.amax(1).clamp(min=0.0)
+    else:
+        raise ValueError(f"weight search {search!r}; allowed: mse, minmax")
+    s, z = uniform_qparams(lo, hi, bits)
+    codes = quant_codes(w2, s[:, None], z[:, None], bits).to(torch.uint8).reshape(w.shape)
+    return codes, s, z
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return (codes.float() - zero.view(shape)) * scale.view(shape)
+
+
+# ----------------------------------------------------------------------------- log2
+def log_fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Base-2 log quantize-dequantize of non-negative `x` (attention probabilities), fp32.
+
+    `scale` broadcasts against `x` (a per-sample dynamic max has shape [B, 1, 1, 1]).
+    """
+    x = x.float()
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).clamp_min(EPS)
+    zero_code = 2**bits - 1
+    ratio = (x / scale).clamp_min(0.0)
+    code = torch.round(-torch.log2(ratio.clamp_min(2.0**-126)))
+    code = torch.where(ratio > 0, code.clamp_min(0.0), torch.full_like(code, float(zero_code)))
+    out = scale * torch.exp2(-code.clamp_max(zero_code - 1))
+    return torch.where(code >= zero_code, torch.zeros_like(out), out)
+
+
+def log_codes(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Integer codes of `log_fake_quant` (last code = zero)."""
+    x = x.float()
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).clamp_min(EPS)
+    ratio = (x / scale).clamp_min(0.0)
+    code = torch.round(-torch.log2(ratio.clamp_min(2.0**-126))).clamp_min(0.0)
+    code = torch.where(ratio > 0, code, torch.full_like(code, float(2**bits - 1)))
+    return code.clamp_max(2**bits - 1)
+
+
+# ----------------------------------------------------------------------------- grouping
+def spread_metric(amin: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """D_d = (max_i a_max − min_i a_max) + (max_i a_min − min_i a_min) over the last axis."""
+    return (amax.amax(-1) - amax.amin(-1)) + (amin.amax(-1) - amin.amin(-1))
+
+
+def kmeans(points: torch.Tensor, k: int, iters: int = 40, seed: int = 0) -> torch.Tensor:
+    """Batched K-means on 2-D points [G, P, 2] → labels [G, P] (int64).
+
+    k-means++ initialisation then Lloyd iterations, deterministic for a seed; the same algorithm
+    as scikit-learn's default (k-means++, one init) without its per-call overhead, so thousands
+    of (layer, timestep) problems cluster in one pass.
+    """
+    g, p, _ = points.shape
+    pts = points.double()
+    if k >= p:
+        return torch.arange(p).clamp_max(k - 1).expand(g, p).clone()
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.empty(g, k, 2, dtype=pts.dtype)
+    first = torch.randint(0, p, (g,), generator=gen)
+    centers[:, 0] = pts[torch.arange(g), first]
+    d2 = ((pts - centers[:, :1]) ** 2).sum(-1)
+    for j in range(1, k):
+        w = d2 + 1e-30
+        idx = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+        centers[:, j] = pts[torch.arange(g), idx]
+        d2 = torch.minimum(d2, ((pts - centers[:, j : j + 1]) ** 2).sum(-1))
+    labels = torch.zeros(g, p, dtype=torch.long)
+    for _ in range(iters):
+        dist = ((pts[:, :, None, :] - centers[:, None, :, :]) ** 2).sum(-1)  # [G, P, K]
+        new = dist.argmin(-1)
+        onehot = torch.nn.functional.one_hot(new, k).double()  # [G, P, K]
+        count = onehot.sum(1)  # [G, K]
+        sums = torch.einsum("gpk,gpd->gkd", onehot, pts)
+        nonempty = count > 0
+        centers = torch.where(nonempty[..., None], sums / count.clamp_min(1)[..., None], centers)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return _canonical_labels(labels, points, k)
+
+
+def _canonical_labels(labels: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
+    """Renumber groups by ascending mean of their members' max, so ids are stable and readable."""
+    onehot = torch.nn.functional.one_hot(labels, k).float()
+    cnt = onehot.sum(1).clamp_min(1)
+    mean_hi = torch.einsum("gpk,gp->gk", onehot, points[..., 1].float()) / cnt
+    mean_hi = torch.where(onehot.sum(1) > 0, mean_hi, torch.full_like(mean_hi, float("inf")))
+    order = mean_hi.argsort(-1)
+    rank = order.argsort(-1)
+    return torch.gather(rank, 1, labels)
+
+
+def group_ranges(labels: torch.Tensor, amin: torch.Tensor, amax: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group [lo, hi] = min of members' mins, max of members' maxes; empty groups → [0, 1].
+
+    Shapes: labels/amin/amax [..., P] → lo/hi [..., K]. Not stretched to include 0 (§B.3)."""
+    shape = labels.shape[:-1] + (k,)
+    lo = torch.full(shape, float("inf")).scatter_reduce(-1, labels, amin.float(), "amin")
+    hi = torch.full(shape, float("-inf")).scatter_reduce(-1, labels, amax.float(), "amax")
+    empty = torch.isinf(lo)
+    return torch.where(empty, torch.zeros_like(lo), lo), torch.where(empty, torch.ones_like(hi), hi)
+
+
+# ----------------------------------------------------------------------------- probability histograms
+def log_hist(x: torch.Tensor) -> torch.Tensor:
+    """Counts of `x` (≥ 0) in 1/8-octave log2 bins over [2^-40, 1]; bin 0 = zero/underflow."""
+    x = x.float().flatten()
+    lg = torch.log2(x.clamp_min(2.0**-126))
+    idx = torch.floor((lg - LOG2_MIN) * LOG2_BINS_PER_OCTAVE).long() + 1
+    idx = torch.where(x > 2.0**LOG2_MIN, idx.clamp(1, N_LOG_BINS), torch.zeros_like(idx))
+    return torch.bincount(idx, minlength=N_LOG_BINS + 1).double()
+
+
+def log_bin_centers() -> torch.Tensor:
+    """Representative value of each `log_hist` bin (bin 0 → 0)."""
+    c = torch.exp2(LOG2_MIN + (torch.arange(N_LOG_BINS, dtype=torch.float64) + 0.5) / LOG2_BINS_PER_OCTAVE)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), c])
+
+
+def hist_quantile(hist: torch.Tensor, q: float) -> float:
+    """Upper edge of the bin holding quantile `q` of a `log_hist`."""
+    c = torch.cumsum(hist, 0)
+    total = float(c[-1])
+    if total <= 0:
+        return 1.0
+    i = int(torch.searchsorted(c, torch.tensor(q * total, dtype=c.dtype)))
+    if i == 0:
+        return 2.0**LOG2_MIN
+    return float(2.0 ** (LOG2_MIN + i / LOG2_BINS_PER_OCTAVE))
+
+
+def static_log_scale(hist: torch.Tensor, bits: int) -> float:
+    """The static log scale: the quantile in {0.999, 0.9999, 0.99999} with the lowest L2 error."""
+    v = log_bin_centers()
+    best, best_s = math.inf, 1.0
+    for q in LOG_QUANTILES:
+        s = hist_quantile(hist, q)
+        err = float((hist * (v - log_fake_quant(v, s, bits).double()) ** 2).sum())
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def uniform_prob_scale(hist: torch.Tensor, top: float, bits: int, mse: bool) -> float:
+    """Baseline probability quantizer (z = 0): s = top/(2^b−1), or the MSE-searched clipping of
+    `top` (the Q-Diffusion style) evaluated on the histogram."""
+    top = float(min(max(top, EPS), 1.0))
+    if not mse:
+        return top / (2**bits - 1)
+    v = log_bin_centers()
+    best, best_s = math.inf, top / (2**bits - 1)
+    zero = torch.zeros((), dtype=torch.float64)
+    for i in range(80):
+        s = top * (1 - 0.01 * i) / (2**bits - 1)
+        err = float((hist * (v - fake_quant(v, torch.tensor(s, dtype=torch.float64), zero, bits).double()).abs() ** 2.4).sum())
+        if err < best:
+            best, best_s = err, s
+    return best_s

@@ -1,0 +1,38 @@
+"""Shared fixtures: a small randomly initialised SD-format pipeline and its calibration."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+CALIB_PROMPTS = ["a large red circle on the left", "a small blue square at the top",
+                 "a green triangle above a yellow diamond", "a large white circle in the center on a black background"]
+
+
+@pytest.fixture(scope="session")
+def random_pipe():
+    from dgq.tiny.models import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    pipe.dgq_model_id = "random-tiny"
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def random_calib(random_pipe, tmp_path_factory):
+    import dgq
+
+    return dgq.calibrate(random_pipe, CALIB_PROMPTS, steps=4, batch_size=4, cache=tmp_path_factory.mktemp("calib"),
+                         progress=False)
+
+
+@pytest.fixture(scope="session")
+def random_studio(random_pipe, random_calib):
+    import dgq
+
+    return dgq.Studio(random_pipe, random_calib)

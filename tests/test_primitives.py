@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dgq import primitives as P
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_uniform_codes_in_range_and_error_at_most_half_step(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4096, generator=g) * 3
+    lo, hi = torch.tensor(-2.0), torch.tensor(2.5)
+    s, z = P.uniform_qparams(lo, hi, bits)
+    codes = P.quant_codes(x, s, z, bits)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert torch.equal(codes, codes.round())
+    xq = P.fake_quant(x, s, z, bits)
+    inside = (x >= lo + s) & (x <= hi - s)  # away from the edges moved by the integer zero-point
+    assert inside.any()
+    assert (xq - x)[inside].abs().max() <= s / 2 + 1e-6
+    # outside the range: clipped to the grid ends
+    assert xq.max() <= hi + s and xq.min() >= lo - s
+
+
+def test_weight_quantization_per_channel_mse_beats_minmax_with_outlier():
+    torch.manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((8, 4096))  # heavy tails: clipping pays off
+    codes, s, z = P.quantize_weight(w, 4, "mse")
+    assert codes.dtype == torch.uint8 and codes.shape == w.shape and int(codes.max()) <= 15
+    assert s.shape == (8,)
+    err_mse = ((P.dequantize_weight(codes, s, z) - w).abs() ** 2.4).mean(1)
+    c2, s2, z2 = P.quantize_weight(w, 4, "minmax")
+    err_mm = ((P.dequantize_weight(c2, s2, z2) - w).abs() ** 2.4).mean(1)
+    assert torch.all(err_mse <= err_mm + 1e-6)
+    assert torch.all(err_mse < err_mm)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_log_quantizer_outputs_only_powers_of_two_of_scale_and_zero(bits):
+    g = torch.Generator().manual_seed(1)
+    x = torch.softmax(torch.randn(2, 4, 16, 77, generator=g) * 4, -1)
+    x[0, 0, 0, :5] = 0.0
+    s = float(x.max())
+    xq = P.log_fake_quant(x, s, bits)
+    nz = xq[xq > 0]
+    k = -torch.log2(nz / s)
+    assert torch.allclose(k, k.round(), atol=1e-4)
+    assert k.min() >= 0 and k.max() <= 2**bits - 2
+    assert torch.all(xq[0, 0, 0, :5] == 0)  # zeros stay zero
+    codes = P.log_codes(x, s, bits)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    # values above the scale clip to the scale
+    assert float(P.log_fake_quant(torch.tensor([2 * s]), s, bits)) == pytest.approx(s)
+    # relative error of representable values is at most a factor sqrt(2)
+    big = x > s * 2.0 ** -(2**bits - 3)
+    ratio = xq[big] / x[big]
+    assert ratio.max() <= math.sqrt(2) + 1e-4 and ratio.min() >= 1 / math.sqrt(2) - 1e-4
+
+
+def test_spread_metric_matches_definition():
+    amin = torch.tensor([-1.0, -3.0, 0.0])
+    amax = torch.tensor([2.0, 5.0, 1.0])
+    assert float(P.spread_metric(amin, amax)) == pytest.approx((5 - 1) + (0 - (-3)))
+
+
+def test_kmeans_separates_planted_clusters_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 2, generator=g) * 0.1
+    b = torch.randn(5, 2, generator=g) * 0.1 + 20
+    pts = torch.cat([a, b])[None]
+    lab = P.kmeans(pts, 2)
+    assert lab.shape == (1, 55)
+    assert len(set(lab[0, :50].tolist())) == 1 and len(set(lab[0, 50:].tolist())) == 1
+    assert lab[0, 0] != lab[0, 50]
+    assert torch.equal(lab, P.kmeans(pts, 2))
+    # canonical order: the group with the larger max gets the larger id
+    assert lab[0, 50] > lab[0, 0]
+
+
+def test_group_ranges_are_member_extremes_and_empty_groups_fall_back():
+    labels = torch.tensor([0, 0, 1, 1])
+    amin = torch.tensor([-1.0, -2.0, 5.0, 6.0])
+    amax = torch.tensor([1.0, 3.0, 7.0, 9.0])
+    lo, hi = P.group_ranges(labels, amin, amax, 3)
+    assert lo.tolist() == [-2.0, 5.0, 0.0] and hi.tolist() == [3.0, 9.0, 1.0]
+
+
+def test_static_log_scale_picks_a_quantile_and_uniform_prob_scale():
+    x = torch.softmax(torch.randn(10000) * 3, 0)
+    h = P.log_hist(x)
+    assert float(h.sum()) == 10000
+    s = P.static_log_scale(h, 4)
+    assert 0 < s <= 2 * float(x.max())
+    u = P.uniform_prob_scale(h, float(x.max()), 8, mse=False)
+    assert u == pytest.approx(float(x.max()) / 255)
+    assert P.uniform_prob_scale(h, float(x.max()), 8, mse=True) <= u + 1e-12
