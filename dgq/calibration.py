@@ -100,14 +100,16 @@ class StatsCollector:
             v = v.detach().float().cpu()
             if k not in acc:
                 acc[k] = v.clone()
-            elif k.endswith("min"):
-                torch.minimum(acc[k], v, out=acc[k])
-            elif k.endswith("max"):
-                torch.maximum(acc[k], v, out=acc[k])
             elif k.startswith("ema"):
                 acc[k].mul_(EMA_MOMENTUM).add_(v, alpha=1 - EMA_MOMENTUM)
-            else:  # histograms: sums
+            elif k.startswith("hist"):
                 acc[k].add_(v)
+            elif "min" in k:
+                torch.minimum(acc[k], v, out=acc[k])
+            elif "max" in k:
+                torch.maximum(acc[k], v, out=acc[k])
+            else:
+                raise KeyError(f"no aggregation rule for statistic {k!r}")
 
     def _register(self, site: str, kind: str, x: torch.Tensor, cross: bool, conv: dict | None) -> SiteInfo:
         info = self.sites.get(site)
@@ -211,6 +213,7 @@ class Calibration:
     sites: dict[str, SiteInfo]
     t_keys: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    _groups: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ lookup
     def t_index(self, t_key: int) -> int:
@@ -255,6 +258,17 @@ class Calibration:
 
     def labels(self, site: str, t_key: int, axis: str, k: int, variant: str = "full") -> torch.Tensor:
         return self.tensors[f"{site}|lab|{variant}|{axis}|{k}"][self.t_index(t_key)].long()
+
+    def groups(self, site: str, t_key: int, axis: str, k: int, variant: str = "full") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels, group lo, group hi) — bit-width independent, memoised."""
+        key = (site, t_key, axis, k, variant)
+        hit = self._groups.get(key)
+        if hit is None:
+            labels = self.labels(site, t_key, axis, k, variant)
+            amin, amax = self.axis_stats(site, t_key, axis, variant)
+            hit = (labels, *P.group_ranges(labels, amin, amax, k))
+            self._groups[key] = hit
+        return hit
 
     # ------------------------------------------------------------------ derivation
     def derive_groups(self, ks: Sequence[int] = GROUP_KS) -> None:

@@ -110,8 +110,8 @@ class QuantConv2dMixin(QuantMixin):
             raise RuntimeError(
                 f"pixel groups were calibrated for {q.scale.numel()} positions but this input has "
                 f"{cols.shape[-1]}: the resolution differs from the calibration's; recalibrate")
-        s = q.scale.to(x.device).view(1, 1, -1)
-        z = q.zero.to(x.device).view(1, 1, -1)
+        s, z = q.on(x.device)
+        s, z = s.view(1, 1, -1), z.view(1, 1, -1)
         cols = P.fake_quant(cols, s, z, q.bits).to(x.dtype)
         out = w.view(w.shape[0], -1) @ cols
         if self.bias is not None:

@@ -15,7 +15,7 @@ which is why a bit-width change never recalibrates.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,15 @@ class ActQuant:
     zero: torch.Tensor
     start_fp: bool = False  # cross-attention key: row 0 (<start>) kept in FP
     labels: torch.Tensor | None = None  # group id per index (for display)
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) on `device`, copied once per device (no per-call host→device copies)."""
+        hit = self._on_device.get(device)
+        if hit is None:
+            hit = (self.scale.to(device), self.zero.to(device))
+            self._on_device[device] = hit
+        return hit
 
 
 @dataclass(frozen=True)
@@ -102,9 +111,7 @@ class QuantParams:
             return ActQuant(bits, "tensor", s, z, start_fp)
         variant = "x0" if start_fp else "full"
         axis = cfg.axis.value if cfg.axis is not Axis.AUTO else calib.chosen_axis(site, t_key, variant)
-        labels = calib.labels(site, t_key, axis, k, variant)
-        amin, amax = calib.axis_stats(site, t_key, axis, variant)
-        glo, ghi = P.group_ranges(labels, amin, amax, k)
+        labels, glo, ghi = calib.groups(site, t_key, axis, k, variant)
         gs, gz = P.uniform_qparams(glo, ghi, bits)
         s, z = gs[labels], gz[labels]
         if start_fp and axis == "pixel":  # token 0 is not quantized: give it a neutral slot
@@ -150,7 +157,6 @@ class QuantParams:
 
 # ----------------------------------------------------------------------------- application
 def _view(v: torch.Tensor, kind: str, mode: str, x: torch.Tensor) -> torch.Tensor:
-    v = v.to(x.device)
     if mode == "tensor":
         return v
     if kind == "conv":  # [B, C, H, W]
@@ -170,7 +176,8 @@ def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
             raise RuntimeError(
                 f"pixel groups were calibrated for {n} positions but this input has {want}: "
                 "the resolution differs from the calibration's; recalibrate at this resolution")
-    out = P.fake_quant(x, _view(q.scale, kind, q.mode, x), _view(q.zero, kind, q.mode, x), q.bits).to(x.dtype)
+    scale, zero = q.on(x.device)
+    out = P.fake_quant(x, _view(scale, kind, q.mode, x), _view(zero, kind, q.mode, x), q.bits).to(x.dtype)
     if q.start_fp:
         out[:, :, 0] = x[:, :, 0]
     return out

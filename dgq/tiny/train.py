@@ -233,7 +233,11 @@ def train_unet(run: Path, hours: float, batch: int = 64, lr: float = 1e-3, p_unc
         ids = input_ids[idx].clone()
         drop = torch.rand(batch, generator=gen) < p_uncond
         ids[drop] = empty_ids
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        # half the batch uniform, half from the noisier 70 %: layout and colour are decided there,
+        # and that is where the words must be used
+        n_t = sched.config.num_train_timesteps
+        t = torch.cat([torch.randint(0, n_t, (batch - batch // 2,), generator=gen),
+                       torch.randint(int(0.3 * n_t), n_t, (batch // 2,), generator=gen)])
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise

@@ -1,0 +1,388 @@
+"""The app's backend: loaded models, a result cache and the metrics — no Gradio here.
+
+* Models load on first use (or in a background thread at start), are calibrated once
+  (`dgq.calibrate` finds the embedded model's shipped calibration) and are kept: changing bits,
+  groups or toggles never recalibrates.
+* Results are deterministic functions of (model, prompt, seed, steps, guidance, config,
+  perturbation), so one server-wide LRU serves every user: moving a bit slider finds the FP image
+  in it, and a view whose result was evicted just recomputes it. Nothing per-user lives here.
+* Every generation carries its own `dgq.Recorder` (explicit, never the thread's ambient one), so
+  concurrent users never share recording state; the variant travels in dgq's ContextVar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import dgq
+
+from app import constants as C
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What fixes the FP image: the quantized variants add a config."""
+
+    model: str
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "prompt": self.prompt, "seed": self.seed, "steps": self.steps,
+                "guidance": self.guidance}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Request:
+        return cls(str(d["model"]), str(d["prompt"]), int(d["seed"]), int(d["steps"]), float(d["guidance"]))
+
+
+@dataclass
+class Result:
+    """One generated image, how it was made and what was recorded while it was."""
+
+    request: Request
+    config: Any  # a dgq config
+    perturbation: tuple[int, str] | None
+    image: Any  # PIL image at the model's resolution
+    seconds: float
+    truncated: bool
+    recorder: Any | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.config.label()
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    studio: Any  # dgq.Studio
+    macs: Any  # dgq.bops.MacCount
+    load_seconds: float
+
+    @property
+    def resolution(self) -> int:
+        return self.studio.resolution
+
+    @property
+    def domain(self) -> bool:
+        """True for shapes-domain models (the embedded one, its snapshots, random test copies):
+        64-px output, judged by the embedded evaluator instead of CLIP."""
+        from dgq.tiny.evaluator import IMAGE_SIZE  # noqa: PLC0415
+
+        return self.resolution == IMAGE_SIZE
+
+    def bops(self, config) -> Any:
+        # `dgq.bops` (the function) is shadowed by the submodule `dgq.bops` once that is imported
+        # (`from dgq.bops import count_macs`), so import the function from its module.
+        from dgq.bops import bops  # noqa: PLC0415
+        from dgq.config import FPConfig  # noqa: PLC0415
+
+        if isinstance(config, FPConfig):
+            return bops(self.macs, 32, 32)
+        return bops(self.macs, config.w_bits, config.a_bits)
+
+
+def config_key(config, perturbation: tuple[int, str] | None = None) -> str:
+    return json.dumps({"config": config.to_dict(), "perturbation": perturbation}, sort_keys=True)
+
+
+class Engine:
+    """Models, results and scorers shared by every session of one app.
+
+    Args:
+        default_model: the model loaded at start and never evicted.
+        calib_prompts / calib_steps: calibration overrides (None = `dgq.calibrate`'s defaults).
+        cache_size: results kept (0 disables the cache; every call then recomputes).
+        max_models: pipelines kept in memory.
+    """
+
+    def __init__(self, default_model: str = C.DEFAULT_MODEL, calib_prompts: list[str] | None = None,
+                 calib_steps: int | None = None, cache_size: int = C.RESULT_CACHE,
+                 max_models: int = C.MAX_MODELS) -> None:
+        self.default_model = default_model
+        if calib_prompts is None and C.CALIB_PROMPTS_FILE:
+            calib_prompts = dgq.read_prompts(C.CALIB_PROMPTS_FILE)
+        self.calib_prompts = calib_prompts
+        self.calib_steps = calib_steps if calib_steps is not None else (C.CALIB_STEPS if C.CALIB_PROMPTS_FILE else None)
+        self.cache_size, self.max_models = cache_size, max_models
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._failed: dict[str, tuple[float, str]] = {}
+        self._loading: set[str] = set()
+        self._load_lock = threading.Lock()  # one load at a time (memory)
+        self._dict_lock = threading.Lock()  # quick bookkeeping only, never held while loading
+        self._results: OrderedDict[tuple, Result] = OrderedDict()
+        self._results_lock = threading.Lock()
+        self._inflight: dict[tuple, threading.Lock] = {}
+        self._scorer_lock = threading.Lock()
+        self._evaluator: Any = None
+        self._evaluator_reason: str | None = None
+        self._clip: Any = None
+        self._clip_reason: str | None = None
+        self.stats = {"generated": 0, "cache_hits": 0, "calibrations": 0}
+
+    # ------------------------------------------------------------------ models
+    @staticmethod
+    def normalize(model_id: str | None) -> str:
+        return (model_id or "").strip()
+
+    def status(self, model_id: str) -> str:
+        """One line on a model's state (cheap; loads nothing)."""
+        m = self.normalize(model_id) or self.default_model
+        if m in self._models:
+            lm = self._models[m]
+            return f"✅ `{m}` is loaded ({lm.resolution}×{lm.resolution} px, {len(lm.studio.layers)} quantized layers)."
+        if m in self._failed:
+            return f"❌ `{m}` could not be loaded: {self._failed[m][1]}"
+        if m in self._loading:
+            return f"⏳ `{m}` is loading and calibrating…"
+        return f"`{m}` loads on the first Generate (and is calibrated once; later changes of bits never recalibrate)."
+
+    @property
+    def loading(self) -> set[str]:
+        """Models being loaded right now."""
+        return set(self._loading)
+
+    def cached_model(self, model_id: str | None = None) -> LoadedModel | None:
+        """The model if it is already loaded (never loads)."""
+        return self._models.get(self.normalize(model_id) or self.default_model)
+
+    def model(self, model_id: str | None = None, progress: Progress | None = None) -> LoadedModel:
+        """The loaded, calibrated model; raises `dgq.ModelLoadError` with a one-line reason."""
+        m = self.normalize(model_id) or self.default_model
+        with self._dict_lock:
+            lm = self._models.get(m)
+            if lm is not None:
+                self._models.move_to_end(m)
+                return lm
+        failed = self._failed.get(m)
+        if failed is not None and time.time() - failed[0] < 30:
+            raise dgq.ModelLoadError(failed[1])
+        with self._load_lock:  # one load at a time: a second user of the same model waits for it
+            lm = self._models.get(m)
+            if lm is not None:
+                return lm
+            self._loading.add(m)
+            try:
+                lm = self._load(m, progress)
+            except dgq.ModelLoadError as e:
+                self._failed[m] = (time.time(), str(e))
+                raise
+            except FileNotFoundError as e:  # e.g. no calibration prompts for this model
+                msg = f"cannot calibrate model {m!r}: {e}"
+                self._failed[m] = (time.time(), msg)
+                raise dgq.ModelLoadError(msg) from e
+            finally:
+                self._loading.discard(m)
+            self._failed.pop(m, None)
+            with self._dict_lock:
+                self._models[m] = lm
+                while len(self._models) > self.max_models:
+                    victim = next((k for k in self._models if k != self.default_model and k != m), None)
+                    if victim is None:
+                        break
+                    log.info("unloading %s to make room", victim)
+                    del self._models[victim]
+            return lm
+
+    def _load(self, m: str, progress: Progress | None) -> LoadedModel:
+        from dgq.bops import count_macs, to_meta  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        pipe = dgq.load_pipeline(m)
+        kwargs: dict[str, Any] = {"progress": progress or False}
+        if self.calib_prompts is not None:
+            kwargs["prompts"] = self.calib_prompts
+        if self.calib_steps is not None:
+            kwargs["steps"] = self.calib_steps
+        calib = dgq.calibrate(pipe, **kwargs)
+        self.stats["calibrations"] += 1
+        studio = dgq.Studio(pipe, calib, max_steps=C.MAX_STEPS, max_batch=C.MAX_BATCH)
+        macs = count_macs(to_meta(pipe.unet))
+        seconds = time.perf_counter() - t0
+        log.info("model %s ready in %.1fs", m, seconds)
+        return LoadedModel(m, studio, macs, seconds)
+
+    def preload(self, model_id: str | None = None) -> threading.Thread:
+        """Load (and calibrate) a model in a daemon thread; failures are kept for `status`."""
+
+        m = self.normalize(model_id) or self.default_model
+        if self.cached_model(m) is None:
+            self._loading.add(m)  # visible to status() before the thread gets the load lock
+
+        def run() -> None:
+            try:
+                self.model(m)
+            except Exception as e:  # noqa: BLE001 - reported through status() / the next request
+                log.warning("preloading %s failed: %s", m, e)
+            finally:
+                self._loading.discard(m)
+
+        t = threading.Thread(target=run, name="dgq-preload", daemon=True)
+        t.start()
+        return t
+
+    # ------------------------------------------------------------------ results
+    def cached(self, req: Request, config, perturbation: tuple[int, str] | None = None) -> Result | None:
+        key = (req, config_key(config, perturbation))
+        with self._results_lock:
+            r = self._results.get(key)
+            if r is not None:
+                self._results.move_to_end(key)
+            return r
+
+    def result(self, req: Request, config, perturbation: tuple[int, str] | None = None,
+               progress: Progress | None = None) -> tuple[Result, bool]:
+        """(result, came_from_cache). FP runs record layer inputs and attention; quantized runs
+        attention only; outlier-drop runs nothing."""
+        key = (req, config_key(config, perturbation))
+        hit = self.cached(req, config, perturbation)
+        if hit is not None:
+            self.stats["cache_hits"] += 1
+            return hit, True
+        with self._results_lock:
+            lock = self._inflight.setdefault(key, threading.Lock())
+        with lock:  # the same request twice at once is computed once
+            hit = self.cached(req, config, perturbation)
+            if hit is not None:
+                self.stats["cache_hits"] += 1
+                return hit, True
+            try:
+                res = self._generate(req, config, perturbation, progress)
+            finally:
+                with self._results_lock:
+                    self._inflight.pop(key, None)
+            if self.cache_size > 0:
+                with self._results_lock:
+                    self._results[key] = res
+                    while len(self._results) > self.cache_size:
+                        self._results.popitem(last=False)
+            return res, False
+
+    def _generate(self, req: Request, config, perturbation, progress: Progress | None) -> Result:
+        from dgq.config import FPConfig  # noqa: PLC0415
+
+        lm = self.model(req.model)
+        studio = lm.studio
+        kwargs: dict[str, Any] = {}
+        recorder = None
+        if perturbation is not None:
+            k, mode = perturbation
+            kwargs["perturbation"] = dgq.Perturbation(k=k, mode=mode, seed=req.seed)
+        elif isinstance(config, FPConfig):
+            n_calls = req.steps + 1  # some schedulers call the UNet once more than `steps`
+            snaps = sorted({round(i * (n_calls - 1) / max(1, C.OUTLIER_SNAPSHOTS - 1)) for i in range(C.OUTLIER_SNAPSHOTS)})
+            recorder = dgq.Recorder(outlier_steps=snaps)
+        else:
+            recorder = dgq.Recorder(layers=[])
+        gen = studio.generate(req.prompt, seed=req.seed, config=config, steps=req.steps, guidance=req.guidance,
+                              recorder=recorder, progress=progress, **kwargs)
+        self.stats["generated"] += 1
+        return Result(req, config, perturbation, gen.image, gen.seconds, gen.truncated, recorder)
+
+    def clear_results(self) -> None:
+        with self._results_lock:
+            self._results.clear()
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self, res: Result, fp: Result) -> dict[str, Any]:
+        """Latency, PSNR/SSIM vs FP, alignment, BOPs and weight memory of one result (memoized)."""
+        if res.metrics:
+            return res.metrics
+        from dgq.config import FPConfig  # noqa: PLC0415
+        from dgq.metrics import psnr, ssim  # noqa: PLC0415
+
+        lm = self.model(res.request.model)
+        is_fp = isinstance(res.config, FPConfig) and res.perturbation is None
+        b = lm.bops(res.config)
+        align, detail = self.alignment(lm, res.image, res.request.prompt)
+        out: dict[str, Any] = {
+            "label": res.label,
+            "config": res.config.to_dict(),
+            "latency_s": round(res.seconds, 3),
+            "psnr_db": None if is_fp else _finite(psnr(res.image, fp.image)),
+            "ssim": None if is_fp else round(float(ssim(res.image, fp.image)), 4),
+            "alignment": align,
+            "alignment_metric": "evaluator" if lm.domain else "clip",
+            "alignment_detail": detail,
+            "bops": b.bops,
+            "weight_mb": b.size_mb,
+            "w_bits": b.w_bits,
+            "a_bits": b.a_bits,
+        }
+        res.metrics = out
+        return out
+
+    def alignment(self, lm: LoadedModel, image, prompt: str) -> tuple[float | str, dict[str, Any]]:
+        """Prompt alignment: the embedded evaluator's accuracy for shapes-domain models, the CLIP
+        score for SD models, or an "unavailable: …" string saying why not."""
+        if lm.domain:
+            ev = self._load_evaluator()
+            if ev is None:
+                return self._evaluator_reason or "unavailable: evaluator not loaded", {}
+            with self._scorer_lock:
+                s = ev.score([image], [prompt])
+            if s.get("n_unparsed"):
+                return ("unavailable: the prompt is outside the shapes-domain grammar the evaluator reads "
+                        "(colour, shape, size, position, background)"), {}
+            detail = {k: v for k, v in s.items() if v is not None and not k.startswith("n")
+                      and k not in ("count", "background", "all")}
+            return float(s["all"]), detail
+        clip = self._load_clip()
+        if clip is None:
+            return self._clip_reason or "unavailable: CLIP not loaded", {}
+        with self._scorer_lock:
+            return round(float(clip.score([image], [prompt])), 4), {"model": clip.description}
+
+    def _load_evaluator(self):
+        with self._scorer_lock:
+            if self._evaluator is None and self._evaluator_reason is None:
+                try:
+                    from dgq.tiny.evaluator import load_evaluator  # noqa: PLC0415
+
+                    self._evaluator = load_evaluator()
+                except (FileNotFoundError, ValueError, OSError) as e:
+                    self._evaluator_reason = f"unavailable: {e}"
+            return self._evaluator
+
+    def _load_clip(self):
+        with self._scorer_lock:
+            if self._clip is None and self._clip_reason is None:
+                from dgq.metrics import ClipScorer  # noqa: PLC0415
+
+                self._clip, reason = ClipScorer.try_load(C.CLIP_MODEL, C.CLIP_PRETRAINED, weights_path=C.CLIP_WEIGHTS)
+                if self._clip is None:
+                    self._clip_reason = reason
+            return self._clip
+
+
+def _finite(x: float) -> float | str:
+    x = float(x)
+    return round(x, 2) if x != float("inf") else "identical"
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A short id of a local model folder's weights (their names, sizes and times), for example caches."""
+    import hashlib  # noqa: PLC0415
+
+    p = Path(path)
+    h = hashlib.sha1()
+    for f in sorted(p.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(p)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:10]

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dgq.calibration import ALL, EMA_MOMENTUM, Calibration, CalibrationMismatch, StatsCollector
+
+
+def _two_batches():
+    c = StatsCollector()
+    a = torch.tensor([[[1.0, -2.0], [3.0, 0.5]]])  # [B=1, N=2, C=2]
+    b = torch.tensor([[[-4.0, 1.0], [2.0, 6.0]]])
+    p1 = torch.softmax(torch.randn(1, 1, 4, 77), -1)
+    p2 = torch.softmax(torch.randn(1, 1, 4, 77) * 3, -1)
+    for t, x, p in ((900, a, p1), (900, b, p2), (100, a, p1)):
+        c.set_timestep(t)
+        c.observe("lin", x, "linear")
+        c.observe_probs("attn2.p", p, cross=True)
+    return c.finalize({"model": "x"}), (a, b, p1, p2)
+
+
+def test_aggregation_rules_min_max_ema_hist():
+    cal, (a, b, p1, p2) = _two_batches()
+    assert cal.t_keys == [900, 100, ALL]
+    assert float(cal.get("lin", "tmin", 900)) == -4.0 and float(cal.get("lin", "tmax", 900)) == 6.0
+    assert cal.get("lin", "ch_min", 900).tolist() == [-4.0, -2.0]
+    assert cal.get("lin", "px_max", 900).tolist() == [1.0, 6.0]
+    ema = EMA_MOMENTUM * (-2.0) + (1 - EMA_MOMENTUM) * (-4.0)
+    assert float(cal.get("lin", "ema_min", 900)) == pytest.approx(ema)
+    assert float(cal.get("attn2.p", "pmax", 900)) == pytest.approx(float(torch.maximum(p1.max(), p2.max())))
+    assert float(cal.get("attn2.p", "pmax_rest", 900)) == pytest.approx(float(torch.maximum(p1[..., 1:].max(), p2[..., 1:].max())))
+    assert float(cal.get("attn2.p", "hist", 900).sum()) == 2 * 4 * 76  # summed, <start> column apart
+    assert float(cal.get("attn2.p", "hist0", 900).sum()) == 2 * 4
+    # the all-steps key aggregates every call
+    assert float(cal.get("lin", "tmin", ALL)) == -4.0 and float(cal.get("attn2.p", "hist", ALL).sum()) == 3 * 4 * 76
+    assert cal.nearest_t(880) == 900 and cal.nearest_t(0) == 100
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    cal, _ = _two_batches()
+    cal.save(tmp_path / "c")
+    back = Calibration.load(tmp_path / "c", expect={"model": "x"})
+    assert set(back.tensors) == set(cal.tensors)
+    assert all(torch.equal(back.tensors[k], cal.tensors[k]) for k in cal.tensors)
+    assert back.sites["lin"].kind == "linear" and back.t_keys == cal.t_keys
+    with pytest.raises(CalibrationMismatch, match="model"):
+        Calibration.load(tmp_path / "c", expect={"model": "y"})
+    meta = json.loads((tmp_path / "c.json").read_text())
+    meta["format_version"] = 999
+    (tmp_path / "c.json").write_text(json.dumps(meta))
+    with pytest.raises(CalibrationMismatch, match="format"):
+        Calibration.load(tmp_path / "c")
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(CalibrationMismatch, match="unreadable"):
+        Calibration.load(tmp_path / "c")
+    with pytest.raises(CalibrationMismatch, match="no calibration"):
+        Calibration.load(tmp_path / "missing")
