@@ -217,14 +217,22 @@ class Engine:
         log.info("model %s ready in %.1fs", m, seconds)
         return LoadedModel(m, studio, macs, seconds)
 
-    def preload(self, model_id: str | None = None) -> threading.Thread:
-        """Load (and calibrate) a model in a daemon thread; failures are kept for `status`."""
+    def preload(self, model_id: str | None = None, wait_for: Callable[[], bool] | None = None,
+                max_wait: float = 20.0) -> threading.Thread:
+        """Load (and calibrate) a model in a daemon thread; failures are kept for `status`.
+
+        `wait_for`: start only once it returns True (e.g. the server is up, so that heavy imports
+        do not slow down serving the page) or after `max_wait` seconds.
+        """
 
         m = self.normalize(model_id) or self.default_model
         if self.cached_model(m) is None:
             self._loading.add(m)  # visible to status() before the thread gets the load lock
 
         def run() -> None:
+            t0 = time.monotonic()
+            while wait_for is not None and not wait_for() and time.monotonic() - t0 < max_wait:
+                time.sleep(0.2)
             try:
                 self.model(m)
             except Exception as e:  # noqa: BLE001 - reported through status() / the next request

@@ -214,5 +214,5 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
     demo.queue(max_size=C.QUEUE_SIZE, default_concurrency_limit=C.CONCURRENCY)
     demo.dgq_engine = engine  # for tests and benchmarks
     if C.PRELOAD if preload is None else preload:
-        engine.preload()
+        engine.preload(wait_for=lambda: bool(getattr(demo, "is_running", False)))
     return demo

@@ -62,7 +62,8 @@ def bench_startup(model: str, env_extra: dict[str, str], timeout: float = 120.0)
             except OSError:
                 pass
             time.sleep(0.1)
-        # model ready: the startup log says so ("model … ready")
+        if served is None:
+            return None, None
         from gradio_client import Client
 
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -143,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             pf.write_text("\n".join(CALIB_PROMPTS) + "\n")
             env = {"DGQ_APP_CALIB_PROMPTS": str(pf), "DGQ_APP_CALIB_STEPS": "4"}
         served, ready = bench_startup(model, env)
-        print(f"python app.py → page served: {served:.1f} s (target ≤ 20 s)")
+        if served is None:
+            print("python app.py → page NOT served within 120 s")
+        else:
+            print(f"python app.py → page served: {served:.1f} s (target ≤ 20 s)")
         if ready is not None:
             print(f"python app.py → first 1-step generation answered: {ready:.1f} s")
     res = bench_callbacks(model, a.repeats, steps)

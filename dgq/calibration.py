@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 GROUP_KS = (2, 4, 8, 16)
 ALL = -1  # key of the statistics aggregated over every timestep
 SAMPLE_PER_CALL = 256
-SAMPLE_MAX = 16384
+SAMPLE_MAX = 4096
 EMA_MOMENTUM = 0.95
 GROUPED_KINDS = ("conv", "linear", "q", "k", "v")
 
@@ -182,9 +182,20 @@ class StatsCollector:
             if info.kind == "conv" and info.needs_unfold():
                 tensors[f"{name}|opx_min"], tensors[f"{name}|opx_max"] = _output_position_stats(
                     tensors[f"{name}|px_min"], tensors[f"{name}|px_max"], info)
+        for k, v in tensors.items():  # stored in fp16: round now so memory and file agree exactly
+            if v.dtype == torch.float32 and _STORE_HALF(k):
+                tensors[k] = v.half().float()
+            elif v.dtype == torch.float64:
+                tensors[k] = v.float()
         calib = Calibration(tensors, {n: i for n, i in self.sites.items()}, keys, meta)
         calib.derive_groups()
         return calib
+
+
+def _STORE_HALF(key: str) -> bool:
+    """Value statistics are stored in fp16 (ranges need 3 digits); counts and D stay fp32."""
+    fld = key.split("|", 1)[1]
+    return not (fld.startswith("hist") or fld.startswith("D|") or fld.startswith("lab|"))
 
 
 def _output_position_stats(px_min: torch.Tensor, px_max: torch.Tensor, info: SiteInfo) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,7 +316,9 @@ class Calibration:
         path.parent.mkdir(parents=True, exist_ok=True)
         st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
         tmp = st.with_name(st.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
+        save_file({k: (v.half() if v.dtype == torch.float32 and _STORE_HALF(k) else
+                       v.float() if v.dtype == torch.float64 else v).contiguous()
+                   for k, v in self.tensors.items()}, str(tmp))
         digest = _sha256(tmp)
         meta = dict(self.meta, format_version=FORMAT_VERSION, t_keys=self.t_keys, sha256=digest,
                     sites={n: _site_to_json(i) for n, i in self.sites.items()})
@@ -336,6 +349,7 @@ class Calibration:
             tensors = load_file(str(st))
         except (SafetensorError, OSError) as e:
             raise CalibrationMismatch(f"unreadable calibration tensors {st}: {e}") from e
+        tensors = {k: v.float() if v.dtype in (torch.float16, torch.float64) else v for k, v in tensors.items()}
         sites = {n: _site_from_json(n, d) for n, d in meta.pop("sites").items()}
         t_keys = [int(t) for t in meta.pop("t_keys")]
         return cls(tensors, sites, t_keys, meta)

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from dgq.cli import CliError, _add_model_args, _save_png
-from dgq.config import FP, BaselineConfig, DGQConfig, FPConfig, QuantConfig, make_config
+from dgq.config import FP, BaselineConfig, FPConfig, QuantConfig, make_config
 
 log = logging.getLogger(__name__)
 
@@ -432,8 +432,13 @@ def _calibration(pipe, opts: Options, out: Path):
     from dgq.studio import default_calibration_prompts, resolution_of  # noqa: PLC0415
 
     model_id = str(getattr(pipe, "dgq_model_id", "unknown"))
-    prompts = (load_prompts(opts.calib_prompts_file) if opts.calib_prompts_file
-               else default_calibration_prompts(model_id))
+    if opts.calib_prompts_file:
+        prompts = load_prompts(opts.calib_prompts_file)
+    else:
+        try:
+            prompts = default_calibration_prompts(model_id)
+        except FileNotFoundError as e:
+            raise CliError(f"no default calibration prompts for this model ({e}); pass --calib-prompts-file") from None
     steps = opts.calib_steps or opts.steps
     expect = {"model": model_id, "prompts_sha": prompts_hash(prompts), "n_prompts": len(prompts), "steps": steps,
               "guidance": opts.guidance, "scheduler": pipe.scheduler.__class__.__name__,
@@ -538,12 +543,18 @@ def _marker(out: Path, rank: int) -> Path:
     return out / ".ranks" / f"done.{rank}.json"
 
 
-def _missing_images(out: Path, settings: list[Setting], plan: Plan, info: dict[str, Any]) -> dict[str, int]:
+def _missing_images(out: Path, settings: list[Setting], plan: Plan, info: dict[str, Any],
+                    known: dict[str, set[int]] | None = None) -> dict[str, int]:
+    """Images not yet done per setting; `known` (setting → done batch starts) spares re-checking
+    batches found done by an earlier poll."""
+    known = {} if known is None else known
     missing = {}
     for setting in settings:
         sfp = setting_fingerprint(info, setting)
-        done = done_batches(out, setting, plan, sfp, plan.batches(), info["resolution"])
-        n = sum(e - s for s, e in plan.batches() if s not in done)
+        done = known.setdefault(setting.spec, set())
+        todo = [b for b in plan.batches() if b[0] not in done]
+        done |= done_batches(out, setting, plan, sfp, todo, info["resolution"])
+        n = sum(e - s for s, e in todo if s not in done)
         if n:
             missing[setting.spec] = n
     return missing
@@ -557,8 +568,9 @@ def _wait_for_ranks(out: Path, settings: list[Setting], plan: Plan, info: dict[s
     during this run) while images are still missing, or after `opts.wait_timeout` seconds.
     """
     t0 = time.monotonic()
+    known: dict[str, set[int]] = {}
     while True:
-        missing = _missing_images(out, settings, plan, info)
+        missing = _missing_images(out, settings, plan, info, known)
         if not missing:
             return
         if opts.world_size == 1:
@@ -630,6 +642,8 @@ class Scorers:
             from dgq.metrics import ClipScorer  # noqa: PLC0415
 
             o = self.opts
+            if not o.clip_random_init and o.clip_pretrained is None and o.clip_weights is None:
+                return f"{UNAVAILABLE}no CLIP weights: pass --clip-weights FILE or a --clip-pretrained tag"
             scorer, msg = ClipScorer.try_load(o.clip_model, None if o.clip_random_init else o.clip_pretrained,
                                               weights_path=None if o.clip_random_init else o.clip_weights,
                                               device=self.device)

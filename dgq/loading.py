@@ -76,6 +76,11 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
         source = str(local)
     else:
         kwargs = {}
+    from diffusers.utils import logging as dlog  # noqa: PLC0415
+
+    level = dlog.get_verbosity()
+    if is_embedded(model):  # its AutoencoderTiny is deliberate: silence the "expected AutoencoderKL" note
+        dlog.set_verbosity_error()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs)
@@ -88,6 +93,8 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
         if offline:
             hint += "; HF_HUB_OFFLINE=1 is set, so only the local cache was searched"
         raise ModelLoadError(hint) from e
+    finally:
+        dlog.set_verbosity(level)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.dgq_model_id = model if model in ALIASES else source

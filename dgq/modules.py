@@ -20,10 +20,13 @@ from torch import nn
 
 from dgq import primitives as P
 from dgq.context import active
-from dgq.quantizer import apply_act
+from dgq.quantizer import apply_act, fake_quant_prepared
 
 DEFAULT_EXCLUDE = ("conv_in", "conv_out")
-_WEIGHT_CACHE_MAX = 2  # bit-widths kept per layer (LRU); bounds memory at ~1.25-1.5× FP weights
+_WEIGHT_CACHE_MAX = 2  # bit-widths kept per layer; bounds memory at ~1.25-1.5× FP weights
+# Layers below this size keep their dequantized weight (saves a dequantization per call, which
+# dominates on small models); larger ones keep uint8 codes and dequantize per call.
+_DEQUANT_CACHE_NUMEL = 1 << 20
 
 
 class QuantMixin:
@@ -44,9 +47,13 @@ class QuantMixin:
                 entry = self._dgq_wcache.get(key)
                 if entry is None:
                     entry = P.quantize_weight(self.weight, bits, self.weight_search)
+                    if self.weight.numel() <= _DEQUANT_CACHE_NUMEL:
+                        entry = P.dequantize_weight(*entry).to(self.weight.dtype)
                     while len(self._dgq_wcache) >= _WEIGHT_CACHE_MAX:
                         self._dgq_wcache.pop(next(iter(self._dgq_wcache)))
                     self._dgq_wcache[key] = entry
+        if isinstance(entry, torch.Tensor):
+            return entry
         codes, s, z = entry
         return P.dequantize_weight(codes, s, z).to(self.weight.dtype)
 
@@ -110,9 +117,7 @@ class QuantConv2dMixin(QuantMixin):
             raise RuntimeError(
                 f"pixel groups were calibrated for {q.scale.numel()} positions but this input has "
                 f"{cols.shape[-1]}: the resolution differs from the calibration's; recalibrate")
-        s, z = q.on(x.device)
-        s, z = s.view(1, 1, -1), z.view(1, 1, -1)
-        cols = P.fake_quant(cols, s, z, q.bits).to(x.dtype)
+        cols = fake_quant_prepared(cols, q, "cols")
         out = w.view(w.shape[0], -1) @ cols
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1)

@@ -105,16 +105,15 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 def log_fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
     """Base-2 log quantize-dequantize of non-negative `x` (attention probabilities), fp32.
 
-    `scale` broadcasts against `x` (a per-sample dynamic max has shape [B, 1, 1, 1]).
+    `scale` broadcasts against `x` (a per-sample dynamic max has shape [B, 1, 1, 1]). Zeros give
+    −log2(0) = +inf, which clamps onto the zero code; values above the scale clamp onto code 0.
     """
     x = x.float()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).clamp_min(EPS)
-    zero_code = 2**bits - 1
-    ratio = (x / scale).clamp_min(0.0)
-    code = torch.round(-torch.log2(ratio.clamp_min(2.0**-126)))
-    code = torch.where(ratio > 0, code.clamp_min(0.0), torch.full_like(code, float(zero_code)))
-    out = scale * torch.exp2(-code.clamp_max(zero_code - 1))
-    return torch.where(code >= zero_code, torch.zeros_like(out), out)
+    zero_code = float(2**bits - 1)
+    code = torch.round(torch.log2(x / scale).neg_()).clamp_(0.0, zero_code)
+    out = torch.exp2(code.neg()).mul_(scale)
+    return out.masked_fill_(code == zero_code, 0.0)
 
 
 def log_codes(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
@@ -144,28 +143,32 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 40, seed: int = 0) -> torc
     pts = points.double()
     if k >= p:
         return torch.arange(p).clamp_max(k - 1).expand(g, p).clone()
+    px, py = pts[..., 0], pts[..., 1]
+    rows = torch.arange(g)
     gen = torch.Generator().manual_seed(seed)
-    centers = torch.empty(g, k, 2, dtype=pts.dtype)
+    cx = torch.empty(g, k, dtype=pts.dtype)
+    cy = torch.empty(g, k, dtype=pts.dtype)
     first = torch.randint(0, p, (g,), generator=gen)
-    centers[:, 0] = pts[torch.arange(g), first]
-    d2 = ((pts - centers[:, :1]) ** 2).sum(-1)
+    cx[:, 0], cy[:, 0] = px[rows, first], py[rows, first]
+    d2 = (px - cx[:, :1]) ** 2 + (py - cy[:, :1]) ** 2
     for j in range(1, k):
         w = d2 + 1e-30
         idx = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
-        centers[:, j] = pts[torch.arange(g), idx]
-        d2 = torch.minimum(d2, ((pts - centers[:, j : j + 1]) ** 2).sum(-1))
-    labels = torch.zeros(g, p, dtype=torch.long)
+        cx[:, j], cy[:, j] = px[rows, idx], py[rows, idx]
+        d2 = torch.minimum(d2, (px - cx[:, j : j + 1]) ** 2 + (py - cy[:, j : j + 1]) ** 2)
+    labels = torch.full((g, p), -1, dtype=torch.long)
     for _ in range(iters):
-        dist = ((pts[:, :, None, :] - centers[:, None, :, :]) ** 2).sum(-1)  # [G, P, K]
+        dist = (px[:, :, None] - cx[:, None, :]) ** 2 + (py[:, :, None] - cy[:, None, :]) ** 2  # [G, P, K]
         new = dist.argmin(-1)
-        onehot = torch.nn.functional.one_hot(new, k).double()  # [G, P, K]
-        count = onehot.sum(1)  # [G, K]
-        sums = torch.einsum("gpk,gpd->gkd", onehot, pts)
-        nonempty = count > 0
-        centers = torch.where(nonempty[..., None], sums / count.clamp_min(1)[..., None], centers)
         if torch.equal(new, labels):
             break
         labels = new
+        count = torch.zeros(g, k, dtype=pts.dtype).scatter_add_(1, labels, torch.ones_like(px))
+        sx = torch.zeros(g, k, dtype=pts.dtype).scatter_add_(1, labels, px)
+        sy = torch.zeros(g, k, dtype=pts.dtype).scatter_add_(1, labels, py)
+        nonempty = count > 0
+        cx = torch.where(nonempty, sx / count.clamp_min(1), cx)
+        cy = torch.where(nonempty, sy / count.clamp_min(1), cy)
     return _canonical_labels(labels, points, k)
 
 
@@ -194,11 +197,10 @@ def group_ranges(labels: torch.Tensor, amin: torch.Tensor, amax: torch.Tensor, k
 # ----------------------------------------------------------------------------- probability histograms
 def log_hist(x: torch.Tensor) -> torch.Tensor:
     """Counts of `x` (≥ 0) in 1/8-octave log2 bins over [2^-40, 1]; bin 0 = zero/underflow."""
-    x = x.float().flatten()
-    lg = torch.log2(x.clamp_min(2.0**-126))
-    idx = torch.floor((lg - LOG2_MIN) * LOG2_BINS_PER_OCTAVE).long() + 1
-    idx = torch.where(x > 2.0**LOG2_MIN, idx.clamp(1, N_LOG_BINS), torch.zeros_like(idx))
-    return torch.bincount(idx, minlength=N_LOG_BINS + 1).double()
+    x = x.detach().float().flatten()
+    n = x.numel()
+    h = torch.histc(torch.log2(x), bins=N_LOG_BINS, min=LOG2_MIN, max=0.0)  # -inf (zeros) falls outside
+    return torch.cat([torch.tensor([n - float(h.sum())]), h.cpu()]).double()
 
 
 def log_bin_centers() -> torch.Tensor:

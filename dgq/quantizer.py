@@ -36,12 +36,18 @@ class ActQuant:
     labels: torch.Tensor | None = None  # group id per index (for display)
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) on `device`, copied once per device (no per-call host→device copies)."""
-        hit = self._on_device.get(device)
+    def prepared(self, device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """(scale, 1/scale, lowest code − z, highest code − z), shaped to broadcast against an
+        input viewed as `shape` and placed on `device`; built once per (device, shape).
+
+        ``s·(clamp(round(x/s) + z, 0, 2^b−1) − z) = s·clamp(round(x·(1/s)), −z, 2^b−1−z)``: four
+        elementwise ops per call instead of seven."""
+        key = (device, shape)
+        hit = self._on_device.get(key)
         if hit is None:
-            hit = (self.scale.to(device), self.zero.to(device))
-            self._on_device[device] = hit
+            s, z = self.scale.float(), self.zero.float()
+            hit = tuple(t.view(shape).to(device) for t in (s, 1.0 / s, -z, (2**self.bits - 1) - z))
+            self._on_device[key] = hit
         return hit
 
 
@@ -156,15 +162,25 @@ class QuantParams:
 
 
 # ----------------------------------------------------------------------------- application
-def _view(v: torch.Tensor, kind: str, mode: str, x: torch.Tensor) -> torch.Tensor:
+def _shape(kind: str, mode: str, x: torch.Tensor) -> tuple[int, ...]:
+    """Broadcast shape of a site's per-index parameters."""
     if mode == "tensor":
-        return v
+        return ()
     if kind == "conv":  # [B, C, H, W]
-        return v.view(1, -1, 1, 1) if mode == "channel" else v.view(1, 1, *x.shape[2:])
-    if kind == "linear":  # [B, N, C]
-        return v.view(1, 1, -1) if mode == "channel" else v.view(1, -1, 1)
+        return (1, -1, 1, 1) if mode == "channel" else (1, 1, *x.shape[2:])
+    if kind in ("linear", "cols"):  # [B, N, C]; im2col columns [B, C·k·k, L] use pixel = last
+        if kind == "cols":
+            return (1, 1, -1)
+        return (1, 1, -1) if mode == "channel" else (1, -1, 1)
     # q/k/v: [B, heads, T, d]
-    return v.view(1, 1, 1, -1) if mode == "channel" else v.view(1, 1, -1, 1)
+    return (1, 1, 1, -1) if mode == "channel" else (1, 1, -1, 1)
+
+
+def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
+    """Quantize-dequantize with the precomputed parameters (fp32 arithmetic, x's dtype out)."""
+    s, inv, lo, hi = q.prepared(x.device, _shape(kind, q.mode, x))
+    xf = x.float()
+    return torch.round(xf * inv).clamp_(lo, hi).mul_(s).to(x.dtype)
 
 
 def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
@@ -176,8 +192,7 @@ def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
             raise RuntimeError(
                 f"pixel groups were calibrated for {n} positions but this input has {want}: "
                 "the resolution differs from the calibration's; recalibrate at this resolution")
-    scale, zero = q.on(x.device)
-    out = P.fake_quant(x, _view(scale, kind, q.mode, x), _view(zero, kind, q.mode, x), q.bits).to(x.dtype)
+    out = fake_quant_prepared(x, q, kind)
     if q.start_fp:
         out[:, :, 0] = x[:, :, 0]
     return out

@@ -28,9 +28,9 @@ def test_aggregation_rules_min_max_ema_hist():
     assert cal.get("lin", "ch_min", 900).tolist() == [-4.0, -2.0]
     assert cal.get("lin", "px_max", 900).tolist() == [1.0, 6.0]
     ema = EMA_MOMENTUM * (-2.0) + (1 - EMA_MOMENTUM) * (-4.0)
-    assert float(cal.get("lin", "ema_min", 900)) == pytest.approx(ema)
-    assert float(cal.get("attn2.p", "pmax", 900)) == pytest.approx(float(torch.maximum(p1.max(), p2.max())))
-    assert float(cal.get("attn2.p", "pmax_rest", 900)) == pytest.approx(float(torch.maximum(p1[..., 1:].max(), p2[..., 1:].max())))
+    assert float(cal.get("lin", "ema_min", 900)) == pytest.approx(ema, rel=1e-3)  # stored in fp16
+    assert float(cal.get("attn2.p", "pmax", 900)) == pytest.approx(float(torch.maximum(p1.max(), p2.max())), rel=1e-3)
+    assert float(cal.get("attn2.p", "pmax_rest", 900)) == pytest.approx(float(torch.maximum(p1[..., 1:].max(), p2[..., 1:].max())), rel=1e-3)
     assert float(cal.get("attn2.p", "hist", 900).sum()) == 2 * 4 * 76  # summed, <start> column apart
     assert float(cal.get("attn2.p", "hist0", 900).sum()) == 2 * 4
     # the all-steps key aggregates every call

@@ -162,3 +162,15 @@ def test_other_step_count_and_scheduler_use_nearest_timestep(random_pipe, random
 def test_config_round_trip():
     for c in (dgq.FP, dgq.BaselineConfig(4, 6, "qdiff"), dgq.DGQConfig(4, 6, groups=8, axis="channel", log_quant=False)):
         assert dgq.config_from_dict(c.to_dict()) == c
+
+
+def test_fp16_pipeline_quantizes_in_fp32_arithmetic():
+    from dgq.tiny.models import build_pipeline
+
+    pipe = build_pipeline(seed=1).to(torch.float16)
+    pipe.dgq_model_id = "random-tiny-fp16"
+    calib = dgq.calibrate(pipe, ["a red circle", "a blue square"], steps=2, batch_size=2, cache=False, progress=False)
+    studio = dgq.Studio(pipe, calib)
+    g = studio.generate(PROMPT, seed=0, steps=2, config=dgq.DGQConfig(4, 6))
+    assert pipe.unet.dtype == torch.float16
+    assert np.isfinite(_arr(g)).all()
