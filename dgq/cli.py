@@ -206,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not a.verbose:  # library deprecation chatter is not the user's business; --verbose shows it
+        import warnings  # noqa: PLC0415
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     from dgq.calibration import CalibrationMismatch  # noqa: PLC0415
     from dgq.loading import ModelLoadError  # noqa: PLC0415
 

@@ -79,11 +79,12 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
     from diffusers.utils import logging as dlog  # noqa: PLC0415
 
     level = dlog.get_verbosity()
-    if is_embedded(model):  # its AutoencoderTiny is deliberate: silence the "expected AutoencoderKL" note
-        dlog.set_verbosity_error()
+    # Loader chatter (the embedded model's deliberate AutoencoderTiny, "couldn't connect to the Hub,
+    # trying the cache") would precede our one-line error; real failures raise ModelLoadError below.
+    dlog.set_verbosity_error()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs)
+            source, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one clear error
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (f"cannot load model {model!r} ({source}): {type(e).__name__}: {str(e).splitlines()[0][:200]}. "

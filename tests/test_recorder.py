@@ -16,7 +16,7 @@ def test_recorder_maps_histograms_and_outliers(random_studio):
         random_studio.generate(PROMPT, seed=0, steps=3, config=dgq.DGQConfig(8, 6))
     assert rec.tokens[0] == "<start>" and "red" in rec.tokens
     assert rec.resolutions() == [16, 8, 4]
-    assert len(rec.timesteps()) == 3
+    assert len(rec.timesteps()) == 3  # PLMS repeats one timestep: 4 UNet calls, 3 distinct t
     m = rec.cross_attention("<start>", resolution=16)
     assert m.shape == (16, 16) and np.all(m >= 0)
     assert rec.cross_attention("red").shape == (16, 16)  # all resolutions upsampled to the largest
@@ -25,7 +25,7 @@ def test_recorder_maps_histograms_and_outliers(random_studio):
     h = rec.histograms()
     assert set(h) == {"cross", "start", "self", "edges"} and h["self"].sum() > 0 and h["start"].sum() > 0
     sm = rec.step_max()
-    assert len(sm) == 3 and all(s["cross"] is not None and s["self"] is not None for s in sm)
+    assert [s["call_index"] for s in sm] == [0, 1, 2, 3] and all(s["cross"] is not None and s["self"] is not None for s in sm)
     layer = next(n for n in rec.layer_names() if "resnets" in n and "conv1" in n)
     o = rec.outliers(layer)
     assert o["pixel_absmax"].ndim == 2 and o["channel_absmax"].ndim == 1

@@ -74,9 +74,10 @@ def test_tokenizer_reproduces_sd_v1_4_ids():
 @pytest.mark.skipif(not (TINY / "model_index.json").exists(), reason="assets/tiny-sd not present")
 def test_shipped_pipeline_loads_and_generates_fast():
     import torch
-    from diffusers import AutoencoderTiny, CLIPTextModel, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(TINY), local_files_only=True, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(TINY), local_files_only=True, dtype=torch.float32)
     assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.text_encoder, CLIPTextModel)
     assert isinstance(pipe.vae, AutoencoderTiny)
     types = set(pipe.unet.config.down_block_types) | set(pipe.unet.config.up_block_types)

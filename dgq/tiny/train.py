@@ -175,7 +175,8 @@ def make_latents(run: Path, n: int) -> None:
 
 # ----------------------------------------------------------------------------- UNet
 def train_unet(run: Path, hours: float, batch: int = 64, lr: float = 1e-3, p_uncond: float = 0.1,
-               ema_decay: float = 0.999, seed: int = 0, ckpt_minutes: float = 5.0) -> None:
+               ema_decay: float = 0.999, seed: int = 0, ckpt_minutes: float = 5.0,
+               init_from: Path | None = None) -> None:
     torch.manual_seed(seed)
     data = load_file(str(run / "latents.safetensors"))
     latents, input_ids = data["latents"], data["input_ids"].long()
@@ -192,6 +193,17 @@ def train_unet(run: Path, hours: float, batch: int = 64, lr: float = 1e-3, p_unc
     ema = [p.detach().clone() for p in params]
     state = {"step": 0, "samples": 0, "seconds": 0.0}
     ck = run / "unet_ckpt.safetensors"
+    if not ck.exists() and init_from is not None:  # continue from a shipped pipeline (fresh optimizer)
+        from diffusers import UNet2DConditionModel  # noqa: PLC0415
+        from transformers import CLIPTextModel  # noqa: PLC0415
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(init_from / "unet")).float().state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(str(init_from / "text_encoder")).float().state_dict())
+        for e, p in zip(ema, params):
+            e.copy_(p.detach())
+        prev = json.loads((init_from / "training.json").read_text())
+        state = {"step": prev["unet_steps"], "samples": prev["unet_samples"], "seconds": float(prev["unet_seconds"])}
+        log.info("unet: initialised from %s (%d samples so far)", init_from, state["samples"])
     if ck.exists():
         sd = load_file(str(ck))
         unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
@@ -313,18 +325,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--init-from", default=None, help="continue UNet training from a shipped pipeline folder "
+                   "(e.g. assets/tiny-sd); its VAE is reused")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Path(a.run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    init = Path(a.init_from) if a.init_from else None
+    if init is not None and not (run / "vae.safetensors").exists():
+        vae_sd = {k: v.float() for k, v in load_file(str(init / "vae" / "diffusion_pytorch_model.safetensors")).items()}
+        _atomic_save(vae_sd, run / "vae.safetensors")
+        (run / "vae.json").write_text(json.dumps({"step": a.vae_steps, "normalized": True}))
     if a.stage in ("vae", "all"):
         train_vae(run, a.vae_steps)
     if a.stage in ("latents", "all"):
         make_latents(run, a.n_latents)
     if a.stage in ("unet", "all"):
-        train_unet(run, a.unet_hours, batch=a.batch, lr=a.lr)
+        train_unet(run, a.unet_hours, batch=a.batch, lr=a.lr, init_from=init)
     if a.stage in ("export", "all"):
         export(run, Path(a.out))
 
