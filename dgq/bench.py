@@ -249,12 +249,16 @@ def child_memory(kind: str, model: str, device: str | None, dtype: str | None, s
 
 def bench_memory(model: str, device: str | None, dtype: str | None, steps: int, calib, w_bits: int = 8,
                  a_bits: int = 8, threads: int | None = None) -> dict[str, Any]:
-    """Peak memory of FP-only vs all-variants processes (each a fresh `python -m dgq bench --child`)."""
+    """Peak memory of FP-only vs all-variants processes (each a fresh `python -m dgq bench --child`,
+    both run at once)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory() as td:
         cpath = Path(td) / "calibration"
         calib.save(cpath)
-        res = {}
-        for kind in ("fp", "all"):
+        procs = {}
+        for kind in ("fp", "all"):  # concurrently: each reports its own high-water mark
             cmd = [sys.executable, "-m", "dgq", "bench", "--child", kind, "--model", model, "--steps", str(steps),
                    "--calib-file", str(cpath), "--bits", f"{w_bits}/{a_bits}"]
             if device:
@@ -263,13 +267,13 @@ def bench_memory(model: str, device: str | None, dtype: str | None, steps: int, 
                 cmd += ["--dtype", dtype]
             if threads:
                 cmd += ["--threads", str(threads)]
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                 env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                raise RuntimeError(f"memory child {kind} failed: {r.stderr.strip().splitlines()[-1:]}")
-            res[kind] = json.loads(r.stdout.strip().splitlines()[-1])
+            procs[kind] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        res = {}
+        for kind, proc in procs.items():
+            stdout, stderr = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory child {kind} failed: {stderr.strip().splitlines()[-1:]}")
+            res[kind] = json.loads(stdout.strip().splitlines()[-1])
     out = {"fp_only": res["fp"], "all_variants": res["all"],
            "ratio": res["all"]["peak_rss_mb"] / res["fp"]["peak_rss_mb"]}
     if "cuda_peak_mb" in res["fp"]:
@@ -333,7 +337,8 @@ def rows_of(report: dict[str, Any]) -> list[dict[str, str]]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
-    lines = [f"# DGQ benchmarks ({meta['model']}, weights: {meta['weights']})", "",
+    title = f"{meta['model']}, weights: {meta['weights']}" if meta.get("weights") else "SD v1.4 architecture only"
+    lines = [f"# DGQ benchmarks ({title})", "",
              f"torch {meta['torch']}, {meta['threads']} CPU threads, {meta['cpu']}" +
              (f", {meta['gpu']}" if meta.get("gpu") else "") + (" — quick run" if meta["quick"] else ""), "",
              "| figure | device | value | target | met |", "|---|---|---|---|---|"]
@@ -379,17 +384,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         prompts = default_calibration_prompts("tiny", n=calib_prompts)
     prompts = (prompts * (calib_prompts // len(prompts) + 1))[:calib_prompts]
     for dev in devices:
-        pipe, weights = load_embedded(args.model, dev, args.dtype)
-        report["meta"]["weights"] = weights
-        calib = None
-        if not args.no_embedded:
-            report["embedded"][dev], calib = bench_pipeline(pipe, prompts, calib_steps, steps, repeats, w, a,
-                                                            args.weight_search)
-        if not args.no_memory:
-            if calib is None:
-                calib = dgq.calibrate(pipe, prompts, steps=calib_steps, cache=False, progress=False)
-            report["memory"][dev] = bench_memory(args.model, dev, args.dtype, steps, calib, w, a, args.threads)
-        del pipe, calib
+        if not (args.no_embedded and args.no_memory):
+            pipe, weights = load_embedded(args.model, dev, args.dtype)
+            report["meta"]["weights"] = weights
+            calib = None
+            if not args.no_embedded:
+                report["embedded"][dev], calib = bench_pipeline(pipe, prompts, calib_steps, steps, repeats, w, a,
+                                                                args.weight_search)
+            if not args.no_memory:
+                if calib is None:
+                    calib = dgq.calibrate(pipe, prompts, steps=calib_steps, cache=False, progress=False)
+                report["memory"][dev] = bench_memory(args.model, dev, args.dtype, steps, calib, w, a, args.threads)
+            del pipe, calib
         if not args.no_sd:
             from dgq.bops import build_unet  # noqa: PLC0415
 
