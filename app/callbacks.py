@@ -227,7 +227,9 @@ class Callbacks:
         """A quantization control moved: redo the two quantized columns of the last request only
         (the FP image comes from the cache; nothing is recalibrated)."""
         if not state or "request" not in state:
+            log.info("requantize: nothing generated yet in this session; skipped")
             return (gr.skip(),) * 7
+        log.info("requantize: W%s A%s K=%s %s", w_bits, a_bits, groups, baseline)
         req = Request.from_dict(state["request"])
         base_cfg, dgq_cfg = make_configs(w_bits, a_bits, groups, baseline, use_groups, axis, log_quant, start_token,
                                          dynamic_scale, time_aware)
@@ -243,11 +245,22 @@ class Callbacks:
                 (cols["fp"][0], cols["dgq"][0]), payload, state)
 
     def example(self, prompt: str, model: str, seed: float, steps: float, guidance: float, w_bits: float,
-                a_bits: float, groups: float, baseline: str):
-        """Cached examples: `generate` with the default DGQ toggles (no progress, no state)."""
-        out = self.generate(prompt, seed, steps, guidance, model, w_bits, a_bits, groups, baseline,
-                            progress=lambda *a, **k: None)
-        return out
+                a_bits: float, groups: float, baseline: str, use_groups: bool = True, axis: str = "auto",
+                log_quant: bool = True, start_token: bool = True, dynamic_scale: bool = True,
+                time_aware: bool = True):
+        """Cached examples: `generate` in the examples' input order, without progress or state
+        (`example_state` sets the state: Gradio's example cache does not keep `gr.State`)."""
+        return self.generate(prompt, seed, steps, guidance, model, w_bits, a_bits, groups, baseline, use_groups,
+                             axis, log_quant, start_token, dynamic_scale, time_aware,
+                             progress=lambda *a, **k: None)[:-1]
+
+    def example_state(self, row: list) -> dict[str, Any]:
+        """The session state of a cached example (Gradio does not cache `gr.State` outputs), so
+        the bit sliders and the views work on it; `row` is in the examples' input order."""
+        prompt, model, seed, steps, guidance, w, a, k, baseline, *flags = row
+        req = make_request(prompt, seed, steps, guidance, model, self.engine.default_model)
+        base_cfg, dgq_cfg = make_configs(w, a, k, baseline, *flags)
+        return {"request": req.to_dict(), "baseline": base_cfg.to_dict(), "dgq": dgq_cfg.to_dict()}
 
     # ---- views --------------------------------------------------------------------
     def _state_results(self, state: dict | None) -> tuple[Request, dict[str, Result]]:
@@ -401,7 +414,7 @@ def wrap(cb: Callbacks) -> dict[str, Callable]:
     heavy = {"generate", "requantize", "example", "attention_view", "outlier_view", "outlier_drop"}
     out = {}
     for name in ("generate", "requantize", "example", "attention_view", "outlier_view", "outlier_drop",
-                 "model_status", "status_tick", "random_seed"):
+                 "model_status", "status_tick", "random_seed", "example_state"):
         fn = user_errors(getattr(cb, name))
         out[name] = gpu(fn) if name in heavy else fn
     return out

@@ -121,18 +121,20 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                 with gr.Accordion("All metrics (JSON)", open=False):
                     metrics = gr.JSON(label="metrics", elem_id="metrics")
                 outputs = [fp_img, base_img, dgq_img, fp_md, base_md, dgq_md, wipe, notice, metrics, state]
-                ex_inputs = [prompt, model, seed, steps, guidance, w_bits, a_bits, groups, baseline]
+                ex_inputs = [prompt, model, seed, steps, guidance, w_bits, a_bits, groups, baseline, use_groups, axis,
+                             log_quant, start_token, dynamic_scale, time_aware]
+                toggles = [True, "auto", True, True, True, True]
                 domain = [[p, engine.default_model, 0, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, C.DEFAULT_W, C.DEFAULT_A,
-                           C.DEFAULT_K, "tfmq"] for p in C.DOMAIN_EXAMPLES]
+                           C.DEFAULT_K, "tfmq", *toggles] for p in C.DOMAIN_EXAMPLES]
+                domain_label = "Shapes-domain prompts (embedded model)"
+                cached_examples = None
                 if cache_examples and folder is not None:
                     with _examples_cache(folder):
-                        gr.Examples(domain, ex_inputs, outputs, fn=fn["example"], cache_examples=True,
-                                    cache_mode="lazy", label="Shapes-domain prompts (embedded model)",
-                                    visible_columns=[0])
+                        cached_examples = gr.Examples(domain, ex_inputs, outputs[:-1], fn=fn["example"], cache_examples=True,
+                                                      cache_mode="lazy", label=domain_label, visible_columns=[0])
                 else:
-                    gr.Examples(domain, ex_inputs, cache_examples=False,
-                                label="Shapes-domain prompts (embedded model)", visible_columns=[0])
-                teaser = [[p, C.SD14, 0, 25, 7.5, w, a, 16, "tfmq"]
+                    gr.Examples(domain, ex_inputs, cache_examples=False, label=domain_label, visible_columns=[0])
+                teaser = [[p, C.SD14, 0, 25, 7.5, w, a, 16, "tfmq", *toggles]
                           for p, (w, a) in zip(C.TEASER_EXAMPLES, [(8, 8), (8, 8), (4, 6), (4, 6)])]
                 gr.Examples(teaser, ex_inputs, cache_examples=False, visible_columns=[0],
                             label="The paper's teaser prompts (SD v1.4: W8A8 and W4A6)")
@@ -200,6 +202,12 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                         api_visibility="private", trigger_mode="always_last", **gpu_opts)
         requant.success(fn["attention_view"], **att_io, **view_opts)
         requant.success(fn["outlier_view"], **out_io, **view_opts)
+
+        if cached_examples is not None:  # a cached example shows images without running `generate`
+            picked = cached_examples.dataset.click(lambda sel: fn["example_state"](domain[sel[0]]),
+                                                   cached_examples.dataset, state, api_visibility="private")
+            picked.success(fn["attention_view"], **att_io, **view_opts)
+            picked.success(fn["outlier_view"], **out_io, **view_opts)
 
         gr.on([att_res.input, att_layer.input, att_t.input], fn["attention_view"], **att_io, **view_opts)
         gr.on([out_layer.input, out_step.input, out_log.input], fn["outlier_view"], **out_io, **view_opts)

@@ -177,3 +177,10 @@ def test_gpu_decorator_is_a_no_op_without_spaces():
         return x
 
     assert gpu.gpu(f) is f
+
+
+def test_cached_example_gets_the_state_generate_would_give(cb, first):
+    row = [PROMPT, "", 1, STEPS, 7.5, 8, 6, 16, "tfmq", True, "auto", True, True, True, True]
+    out = cb.example(*row)
+    assert len(out) == len(first) - 1 and cb.example_state(row) == first[-1]  # no state in the example cache
+    assert np.array_equal(_arr(out[2]), _arr(first[2]))
