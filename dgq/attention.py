@@ -92,9 +92,9 @@ class DGQAttnProcessor:
                     k = apply_act(k, aq, kind)
                 else:
                     v = apply_act(v, aq, kind)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(attn.scale)
         if mask is not None:
-            scores = scores + mask.float()
+            scores += mask.float()
         probs = scores.softmax(dim=-1)
         if ctx.collector is not None:
             ctx.collector.observe_probs(f"{name}.p", probs, cross)
@@ -103,7 +103,7 @@ class DGQAttnProcessor:
         if params is not None:
             pq = params.prob(f"{name}.p", ctx.t_key)
             if pq is not None:
-                probs = apply_prob(probs, pq)
+                probs = apply_prob(probs, pq, inplace=True)
         return torch.matmul(probs.to(v.dtype), v)
 
 

@@ -34,6 +34,7 @@ class QuantMixin:
 
     dgq_name: str
     _dgq_wcache: dict
+    _dgq_wranges: dict
     _dgq_lock: threading.Lock
     _dgq_orig_class: type
     weight_search: str = "mse"
@@ -46,7 +47,12 @@ class QuantMixin:
             with self._dgq_lock:
                 entry = self._dgq_wcache.get(key)
                 if entry is None:
-                    entry = P.quantize_weight(self.weight, bits, self.weight_search)
+                    ranges = self._dgq_wranges.get(key)  # the searched per-channel range outlives the eviction
+                    if ranges is None:
+                        entry = P.quantize_weight(self.weight, bits, self.weight_search)
+                        self._dgq_wranges[key] = entry[1:]
+                    else:
+                        entry = (P.weight_codes(self.weight, *ranges, bits), *ranges)
                     if self.weight.numel() <= _DEQUANT_CACHE_NUMEL:
                         entry = P.dequantize_weight(*entry).to(self.weight.dtype)
                     while len(self._dgq_wcache) >= _WEIGHT_CACHE_MAX:
@@ -182,6 +188,7 @@ def quantize_(
         m._dgq_orig_class = orig
         m.dgq_name = name
         m._dgq_wcache = {}
+        m._dgq_wranges = {}  # (bits, search) -> (scale, zero) per output channel: small, never evicted
         m._dgq_lock = threading.Lock()
         m.weight_search = weight_search
         wrapped.append(name)
@@ -196,7 +203,7 @@ def dequantize_(unet: nn.Module) -> None:
     for _, m in unet.named_modules():
         if isinstance(m, QuantMixin):
             m.__class__ = m._dgq_orig_class
-            for a in ("_dgq_orig_class", "dgq_name", "_dgq_wcache", "_dgq_lock", "weight_search"):
+            for a in ("_dgq_orig_class", "dgq_name", "_dgq_wcache", "_dgq_wranges", "_dgq_lock", "weight_search"):
                 m.__dict__.pop(a, None)
     uninstall_attention(unet)
 
@@ -208,3 +215,4 @@ def quantized_layers(unet: nn.Module) -> dict[str, nn.Module]:
 def clear_weight_cache(unet: nn.Module) -> None:
     for m in quantized_layers(unet).values():
         m._dgq_wcache.clear()
+        m._dgq_wranges.clear()

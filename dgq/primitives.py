@@ -52,31 +52,41 @@ def _lp_err(x: torch.Tensor, xq: torch.Tensor, p: float, dim: int | None) -> tor
     return d.mean() if dim is None else d.mean(dim=dim)
 
 
+_SEARCH_CHUNK_ELEMS = 1 << 24  # candidates evaluated at once are bounded to ~64 MB of fp32
+
+
 def mse_search(x: torch.Tensor, bits: int, p: float = 2.4, n: int = 80, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipping range by the authors' search: shrink min and max by (1 − 0.01·i), i < n; keep the
-    candidate with the lowest mean |x − x̂|^p. `dim=None` is per tensor; `dim=1` with a 2-D `x` is
-    per row (per output channel for weights). Returns (lo, hi)."""
+    candidate with the lowest mean |x − x̂|^p (the first one on ties). `dim=None` is per tensor;
+    `dim=1` with a 2-D `x` is per row (per output channel for weights). Returns (lo, hi).
+
+    Candidates are evaluated in stacked chunks rather than one by one: the same arithmetic, but a
+    few dozen large ops instead of ~800 small ones per tensor (a bit-width switch re-runs this for
+    every layer)."""
     x = x.float()
-    if dim is None:
-        lo0, hi0 = minmax_range(x)
-    else:
-        lo0 = x.amin(dim=dim).clamp(max=0.0)
-        hi0 = x.amax(dim=dim).clamp(min=0.0)
-    best = torch.full_like(lo0, float("inf"))
-    best_lo, best_hi = lo0.clone(), hi0.clone()
-    for i in range(n):
-        f = 1.0 - 0.01 * i
-        lo, hi = lo0 * f, hi0 * f
+    rows = x.reshape(1, -1) if dim is None else x
+    if dim is not None and (x.dim() != 2 or dim != 1):
+        raise ValueError("mse_search: dim must be None or 1 with a 2-D input")
+    lo0 = rows.amin(dim=1).clamp(max=0.0)
+    hi0 = rows.amax(dim=1).clamp(min=0.0)
+    f = (1.0 - 0.01 * torch.arange(n, dtype=torch.float64)).float()  # as the scalar loop rounds it
+    chunk = max(1, min(n, _SEARCH_CHUNK_ELEMS // max(1, rows.numel())))
+    errs = []
+    for i in range(0, n, chunk):
+        fi = f[i:i + chunk].view(-1, 1)
+        lo, hi = lo0 * fi, hi0 * fi  # [c, R]
         s, z = uniform_qparams(lo, hi, bits)
-        if dim is None:
-            err = _lp_err(x, fake_quant(x, s, z, bits), p, None)
-        else:
-            err = _lp_err(x, fake_quant(x, s[:, None], z[:, None], bits), p, dim)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_lo = torch.where(better, lo, best_lo)
-        best_hi = torch.where(better, hi, best_hi)
-    return best_lo, best_hi
+        s3, z3 = s.unsqueeze(-1), z.unsqueeze(-1)
+        q = torch.div(rows, s3).round_().add_(z3).clamp_(0, 2**bits - 1).sub_(z3).mul_(s3)  # [c, R, D]
+        # |e|^p as exp(p·ln|e|): vectorised on CPU where pow with a fractional exponent is not (~2×)
+        errs.append(q.sub_(rows).abs_().log_().mul_(p).exp_().mean(dim=-1))
+    err = torch.cat(errs)  # [n, R]
+    best = err.argmin(dim=0)  # first minimum = the sequential search's strict `<`
+    fb = f[best]
+    lo, hi = lo0 * fb, hi0 * fb
+    if dim is None:
+        return lo[0], hi[0]
+    return lo, hi
 
 
 def quantize_weight(w: torch.Tensor, bits: int, search: str = "mse") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,8 +102,13 @@ def quantize_weight(w: torch.Tensor, bits: int, search: str = "mse") -> tuple[to
     else:
         raise ValueError(f"weight search {search!r}; allowed: mse, minmax")
     s, z = uniform_qparams(lo, hi, bits)
-    codes = quant_codes(w2, s[:, None], z[:, None], bits).to(torch.uint8).reshape(w.shape)
-    return codes, s, z
+    return weight_codes(w, s, z, bits), s, z
+
+
+def weight_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of `w` with per-output-channel (scale, zero) (a known range: no search)."""
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    return quant_codes(w2, scale[:, None], zero[:, None], bits).to(torch.uint8).reshape(w.shape)
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -102,18 +117,22 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 # ----------------------------------------------------------------------------- log2
-def log_fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+def log_fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int, inplace: bool = False) -> torch.Tensor:
     """Base-2 log quantize-dequantize of non-negative `x` (attention probabilities), fp32.
 
     `scale` broadcasts against `x` (a per-sample dynamic max has shape [B, 1, 1, 1]). Zeros give
     −log2(0) = +inf, which clamps onto the zero code; values above the scale clamp onto code 0.
+    `inplace=True` reuses an fp32 `x` as the output buffer (one allocation less per call).
     """
-    x = x.float()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).clamp_min(EPS)
     zero_code = float(2**bits - 1)
-    code = torch.round(torch.log2(x / scale).neg_()).clamp_(0.0, zero_code)
-    out = torch.exp2(code.neg()).mul_(scale)
-    return out.masked_fill_(code == zero_code, 0.0)
+    if x.dtype == torch.float32 and inplace:
+        y = x.div_(scale)
+    else:
+        y = torch.div(x.float(), scale)
+    code = y.log2_().neg_().round_().clamp_(0.0, zero_code)
+    is_zero = code == zero_code
+    return code.neg_().exp2_().mul_(scale).masked_fill_(is_zero, 0.0)
 
 
 def log_codes(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:

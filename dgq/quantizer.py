@@ -34,6 +34,7 @@ class ActQuant:
     zero: torch.Tensor
     start_fp: bool = False  # cross-attention key: row 0 (<start>) kept in FP
     labels: torch.Tensor | None = None  # group id per index (for display)
+    derived: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     def prepared(self, device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
@@ -41,14 +42,21 @@ class ActQuant:
         input viewed as `shape` and placed on `device`; built once per (device, shape).
 
         ``s·(clamp(round(x/s) + z, 0, 2^b−1) − z) = s·clamp(round(x·(1/s)), −z, 2^b−1−z)``: four
-        elementwise ops per call instead of seven."""
+        elementwise ops per call instead of seven. `QuantParams` fills `derived` for a whole site
+        at once (all timesteps in one op), so a bit-width change costs no per-step tensor maths."""
         key = (device, shape)
         hit = self._on_device.get(key)
         if hit is None:
-            s, z = self.scale.float(), self.zero.float()
-            hit = tuple(t.view(shape).to(device) for t in (s, 1.0 / s, -z, (2**self.bits - 1) - z))
+            parts = self.derived if self.derived is not None else derive(self.scale, self.zero, self.bits)
+            hit = tuple(t.view(shape).to(device) for t in parts)
             self._on_device[key] = hit
         return hit
+
+
+def derive(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """(s, 1/s, −z, 2^b−1−z) in fp32 for any stack of scales/zero-points (elementwise)."""
+    s, z = scale.float(), zero.float()
+    return s, 1.0 / s, -z, (2**bits - 1) - z
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,9 @@ class ProbQuant:
 class QuantParams:
     """Parameters of one config over one calibration; safe to share between threads."""
 
-    def __init__(self, calibration: Calibration, config: QuantConfig) -> None:
+    def __init__(self, calibration: Calibration, config: QuantConfig, tables: tuple | None = None) -> None:
+        """`tables` shares the built activation/probability parameters of a config that differs
+        only in `w_bits` (they do not depend on it)."""
         if isinstance(config, (BaselineConfig, DGQConfig)) and calibration is None:
             raise ValueError("quantized configs need a calibration: call dgq.calibrate(pipe, ...) first")
         self.calib = calibration
@@ -76,6 +86,12 @@ class QuantParams:
         self._act: dict[tuple[str, int], ActQuant | None] = {}
         self._prob: dict[tuple[str, int], ProbQuant | None] = {}
         self._lock = threading.Lock()
+        if tables is not None:
+            self._act, self._prob, self._lock = tables
+
+    @property
+    def tables(self) -> tuple:
+        return self._act, self._prob, self._lock
 
     # ------------------------------------------------------------------ timesteps
     @property
@@ -90,13 +106,65 @@ class QuantParams:
     # ------------------------------------------------------------------ activations
     def act(self, site: str, t_key: int) -> ActQuant | None:
         key = (site, t_key)
-        if key not in self._act:
-            with self._lock:
-                if key not in self._act:
+        try:
+            return self._act[key]
+        except KeyError:
+            pass
+        with self._lock:
+            if key not in self._act:
+                self._act.update(self._build_site(site))
+                if key not in self._act:  # a timestep key outside this config's set
                     self._act[key] = self._build_act(site, t_key)
         return self._act[key]
 
+    def _site_keys(self) -> list[int]:
+        return [ALL] if self.single_set else [t for t in self.calib.t_keys if t != ALL]
+
+    def _build_site(self, site: str) -> dict[tuple[str, int], ActQuant | None]:
+        """Every timestep of one site in a few stacked tensor ops (what makes a bit switch cheap:
+        the statistics and K-means labels are bit-width independent, only the scales change)."""
+        bits, calib, cfg = self.a_bits, self.calib, self.config
+        keys = self._site_keys()
+        if bits >= OFF:
+            return {(site, t): None for t in keys}
+        if site not in calib.sites:
+            raise KeyError(f"site {site!r} was not seen during calibration; recalibrate this model")
+        info = calib.sites[site]
+        if isinstance(cfg, BaselineConfig) and cfg.style is BaselineStyle.QDIFF:
+            return {(site, t): self._build_act(site, t) for t in keys}
+        start_fp = isinstance(cfg, DGQConfig) and cfg.start_token and info.kind == "k" and info.cross
+        k = cfg.effective_groups if isinstance(cfg, DGQConfig) else 1
+        if k == 1 or info.kind not in ("conv", "linear", "q", "k", "v"):
+            sfx = "_x0" if start_fp else ""
+            rows = [calib.t_index(t) for t in keys]
+            lo = calib.tensors[f"{site}|ema_min{sfx}"][rows]
+            hi = calib.tensors[f"{site}|ema_max{sfx}"][rows]
+            s, z = P.uniform_qparams(lo, hi, bits)
+            rows = zip(s.unbind(0), z.unbind(0), *(x.unbind(0) for x in derive(s, z, bits)))
+            return {(site, t): ActQuant(bits, "tensor", si, zi, start_fp, derived=tuple(d))
+                    for t, (si, zi, *d) in zip(keys, rows)}
+        variant = "x0" if start_fp else "full"
+        by_axis: dict[str, list[int]] = {}
+        for t in keys:
+            axis = cfg.axis.value if cfg.axis is not Axis.AUTO else calib.chosen_axis(site, t, variant)
+            by_axis.setdefault(axis, []).append(t)
+        out: dict[tuple[str, int], ActQuant | None] = {}
+        for axis, ts in by_axis.items():
+            parts = [calib.groups(site, t, axis, k, variant) for t in ts]
+            labels = torch.stack([p[0] for p in parts])  # [T, N]
+            gs, gz = P.uniform_qparams(torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts]), bits)
+            s, z = gs.gather(1, labels), gz.gather(1, labels)  # [T, N]
+            if start_fp and axis == "pixel":  # token 0 is not quantized: give it a neutral slot
+                s = torch.cat([torch.ones(len(ts), 1), s], 1)
+                z = torch.cat([torch.zeros(len(ts), 1), z], 1)
+                labels = torch.cat([torch.full((len(ts), 1), -1, dtype=labels.dtype), labels], 1)
+            rows = zip(s.unbind(0), z.unbind(0), labels.unbind(0), *(x.unbind(0) for x in derive(s, z, bits)))
+            for t, (si, zi, li, *d) in zip(ts, rows):
+                out[(site, t)] = ActQuant(bits, axis, si, zi, start_fp, li, derived=tuple(d))
+        return out
+
     def _build_act(self, site: str, t_key: int) -> ActQuant | None:
+        """One (site, timestep); the reference the stacked `_build_site` must equal (tested)."""
         bits = self.a_bits
         if bits >= OFF:
             return None
@@ -177,10 +245,16 @@ def _shape(kind: str, mode: str, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
-    """Quantize-dequantize with the precomputed parameters (fp32 arithmetic, x's dtype out)."""
+    """Quantize-dequantize with the precomputed parameters (fp32 arithmetic, x's dtype out).
+
+    One allocation, then in-place ops: on CPU a fresh large buffer per op costs page faults that
+    outweigh the arithmetic."""
     s, inv, lo, hi = q.prepared(x.device, _shape(kind, q.mode, x))
-    xf = x.float()
-    return torch.round(xf * inv).clamp_(lo, hi).mul_(s).to(x.dtype)
+    y = x.float().mul_(inv) if x.dtype != torch.float32 else x * inv
+    y.round_()
+    torch.maximum(y, lo, out=y)
+    torch.minimum(y, hi, out=y)
+    return y.mul_(s).to(x.dtype)
 
 
 def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
@@ -198,8 +272,10 @@ def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
     return out
 
 
-def apply_prob(p: torch.Tensor, q: ProbQuant) -> torch.Tensor:
-    """Quantize softmax probabilities [B, heads, Nq, Nk] (fp32 in, fp32 out)."""
+def apply_prob(p: torch.Tensor, q: ProbQuant, inplace: bool = False) -> torch.Tensor:
+    """Quantize softmax probabilities [B, heads, Nq, Nk] (fp32 in, fp32 out; `inplace=True` lets
+    the log quantizer overwrite `p`, which the attention processor no longer needs). With `<start>` in FP the scale comes from the other keys and column 0 is put back
+    after quantizing the whole tensor in place (no concatenation)."""
     rest = p[..., 1:] if q.start_fp else p
     if q.dynamic:
         if q.scope == "sample":
@@ -209,10 +285,11 @@ def apply_prob(p: torch.Tensor, q: ProbQuant) -> torch.Tensor:
         scale = top if q.log else top / (2**q.bits - 1)
     else:
         scale = torch.tensor(q.scale, device=p.device)
+    col0 = p[..., :1].clone() if q.start_fp else None
     if q.log:
-        qrest = P.log_fake_quant(rest, scale, q.bits)
+        out = P.log_fake_quant(p, scale, q.bits, inplace=inplace)
     else:
-        qrest = P.fake_quant(rest, scale, torch.zeros((), device=p.device), q.bits)
-    if q.start_fp:
-        return torch.cat([p[..., :1], qrest], dim=-1)
-    return qrest
+        out = P.fake_quant(p, scale, torch.zeros((), device=p.device), q.bits)
+    if col0 is not None:
+        out[..., :1] = col0
+    return out

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -231,7 +231,9 @@ class Studio:
         with self._lock:
             p = self._params.get(config)
             if p is None:
-                p = QuantParams(self.calibration, config)
+                # activation parameters do not depend on the weight bits: a W-only change reuses them
+                same_acts = next((q for c, q in self._params.items() if replace(c, w_bits=8) == replace(config, w_bits=8)), None)
+                p = QuantParams(self.calibration, config, tables=same_acts.tables if same_acts else None)
                 self._params[config] = p
                 while len(self._params) > 32:
                     self._params.popitem(last=False)

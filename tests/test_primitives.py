@@ -97,3 +97,41 @@ def test_static_log_scale_picks_a_quantile_and_uniform_prob_scale():
     u = P.uniform_prob_scale(h, float(x.max()), 8, mse=False)
     assert u == pytest.approx(float(x.max()) / 255)
     assert P.uniform_prob_scale(h, float(x.max()), 8, mse=True) <= u + 1e-12
+
+
+def _mse_search_reference(x, bits, p=2.4, n=80, dim=None):
+    """The authors' loop, one candidate at a time (what the stacked search must reproduce)."""
+    x = x.float()
+    lo0 = x.min().clamp(max=0.0) if dim is None else x.amin(dim=dim).clamp(max=0.0)
+    hi0 = x.max().clamp(min=0.0) if dim is None else x.amax(dim=dim).clamp(min=0.0)
+    best = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for i in range(n):
+        f = 1.0 - 0.01 * i
+        lo, hi = lo0 * f, hi0 * f
+        s, z = P.uniform_qparams(lo, hi, bits)
+        xq = P.fake_quant(x, s, z, bits) if dim is None else P.fake_quant(x, s[:, None], z[:, None], bits)
+        e = (x - xq).abs().pow(p)
+        err = e.mean() if dim is None else e.mean(dim=dim)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi, best
+
+
+def test_stacked_mse_search_matches_the_sequential_search():
+    g = torch.Generator().manual_seed(11)
+    for shape, dim in (((32, 72), 1), ((8, 1), 1), ((500,), None)):
+        x = torch.randn(shape, generator=g) * (torch.rand(shape[0], 1, generator=g) * 3 if dim else 1.0)
+        x[0] = x[0] * 20 if dim else x[0]  # one outlier row
+        for bits in (2, 4, 8):
+            lo, hi = P.mse_search(x, bits, dim=dim)
+            rlo, rhi, rerr = _mse_search_reference(x, bits, dim=dim)
+            s, z = P.uniform_qparams(lo, hi, bits)
+            xq = P.fake_quant(x, s, z, bits) if dim is None else P.fake_quant(x, s[:, None], z[:, None], bits)
+            e = (x - xq).abs().pow(2.4)
+            err = e.mean() if dim is None else e.mean(dim=dim)
+            # same candidate, or (on a float near-tie) one whose error is equal to 1e-5
+            same = (lo == rlo) & (hi == rhi)
+            assert bool((same | torch.isclose(err, rerr, rtol=1e-5)).all()), (shape, bits)
+            assert same.float().mean() > 0.9

@@ -111,3 +111,55 @@ def test_time_aware_lookup_uses_nearest_calibrated_timestep():
     assert p.key_for(880) == 900 and p.key_for(310) == 500 and p.key_for(0) == 100
     assert QuantParams(cal, dgq.DGQConfig(8, 8, time_aware=False)).key_for(880) == ALL
     assert QuantParams(cal, dgq.BaselineConfig(8, 8, style="qdiff")).key_for(880) == ALL
+
+
+def test_stacked_site_build_equals_per_timestep_reference(random_calib):
+    """`QuantParams` builds all timesteps of a site at once; every entry must equal the one-at-a-time
+    reference, for every method, axis rule and K (what a bit-width switch relies on)."""
+    configs = [dgq.DGQConfig(8, 6, groups=16), dgq.DGQConfig(4, 4, groups=2, axis="channel"),
+               dgq.DGQConfig(8, 6, groups=8, axis="pixel", start_token=False), dgq.DGQConfig(8, 8, groups=1),
+               dgq.DGQConfig(8, 6, time_aware=False), dgq.BaselineConfig(8, 6, style="tfmq"),
+               dgq.BaselineConfig(8, 6, style="qdiff")]
+    for cfg in configs:
+        params = QuantParams(random_calib, cfg)
+        keys = params._site_keys()
+        for site, info in random_calib.sites.items():
+            if info.kind == "p":
+                continue
+            stacked = params._build_site(site)
+            assert set(stacked) == {(site, t) for t in keys}
+            for t in keys:
+                a, b = stacked[(site, t)], params._build_act(site, t)
+                assert a.mode == b.mode and a.start_fp == b.start_fp, (cfg, site, t)
+                assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero), (cfg, site, t)
+                assert (a.labels is None) == (b.labels is None)
+                if a.labels is not None:
+                    assert torch.equal(a.labels, b.labels)
+                x = torch.randn(3, *((4, 4) if info.kind != "conv" else (4, 4, 4)))
+                if a.mode == "tensor":
+                    assert torch.equal(a.prepared(x.device, ())[1], b.prepared(x.device, ())[1])
+
+
+def test_fake_quant_leaves_input_and_matches_reference_formula():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 8, 5, 5, generator=g) * 3
+    x16 = x.half()
+    s, z = torch.rand(8, generator=g) * 0.1 + 0.01, torch.randint(0, 64, (8,), generator=g).float()
+    q = dgq.quantizer.ActQuant(6, "channel", s, z)
+    before = x.clone()
+    out = apply_act(x, q, "conv")
+    assert torch.equal(x, before)
+    ref = (torch.clamp(torch.round(x * (1 / s).view(1, -1, 1, 1)) + z.view(1, -1, 1, 1), 0, 63) - z.view(1, -1, 1, 1)) * s.view(1, -1, 1, 1)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert apply_act(x16, q, "conv").dtype == torch.float16
+
+
+def test_apply_prob_in_place_equals_copy():
+    g = torch.Generator().manual_seed(7)
+    p = torch.softmax(torch.randn(2, 2, 16, 77, generator=g) * 3, -1)
+    for q in (ProbQuant(bits=4, log=True, start_fp=True, dynamic=True, scope="sample"),
+              ProbQuant(bits=6, log=True, start_fp=False, dynamic=True, scope="batch")):
+        ref = apply_prob(p, q)
+        assert not torch.equal(ref, p)
+        work = p.clone()
+        assert torch.equal(apply_prob(work, q, inplace=True), ref)

@@ -174,3 +174,23 @@ def test_fp16_pipeline_quantizes_in_fp32_arithmetic():
     g = studio.generate(PROMPT, seed=0, steps=2, config=dgq.DGQConfig(4, 6))
     assert pipe.unet.dtype == torch.float16
     assert np.isfinite(_arr(g)).all()
+
+
+def test_w_only_change_reuses_activation_parameters(random_studio):
+    a = random_studio.params(dgq.DGQConfig(8, 6, groups=4))
+    b = random_studio.params(dgq.DGQConfig(4, 6, groups=4))
+    c = random_studio.params(dgq.DGQConfig(8, 8, groups=4))
+    assert a is not b and a.tables[0] is b.tables[0]  # the same activation tables
+    assert c.tables[0] is not a.tables[0]
+    assert a.w_bits == 8 and b.w_bits == 4
+
+
+def test_searched_weight_range_survives_cache_eviction(random_pipe):
+    from dgq.modules import quantized_layers
+
+    dgq.quantize_(random_pipe.unet)
+    layer = next(iter(quantized_layers(random_pipe.unet).values()))
+    first = layer.quantized_weight(3).clone()
+    assert (3, "mse") in layer._dgq_wranges
+    layer._dgq_wcache.clear()  # evicted: the range is reused, not searched again
+    assert torch.equal(layer.quantized_weight(3), first)
