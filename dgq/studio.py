@@ -8,6 +8,7 @@ give exactly what each gives alone.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -77,9 +78,24 @@ def _pipeline_view(pipe):
     return view
 
 
+def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 1024) -> str:
+    """A short hash of a module's parameters (names, shapes, dtypes and an evenly strided sample of
+    each tensor's values): a retrained or edited model under the same name never reuses another
+    model's calibration, at the cost of reading ~1k values per tensor instead of all of them."""
+    h = hashlib.sha256()
+    for name, p in module.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // per_tensor)
+        sample = flat[::step].float().cpu().contiguous()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _calibration_key(pipe, prompts: Sequence[str], steps: int, guidance: float) -> dict[str, Any]:
     return {
         "model": str(getattr(pipe, "dgq_model_id", None) or pipe.config.get("_name_or_path", "unknown")),
+        "weights": weights_fingerprint(pipe.unet),
         "prompts_sha": prompts_hash(prompts),
         "n_prompts": len(prompts),
         "steps": steps,

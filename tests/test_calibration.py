@@ -57,3 +57,34 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         Calibration.load(tmp_path / "c")
     with pytest.raises(CalibrationMismatch, match="no calibration"):
         Calibration.load(tmp_path / "missing")
+
+
+def test_log_hist_bins_match_their_edges():
+    from dgq import primitives as P
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.softmax(torch.randn(2, 2, 16, 77, generator=g) * 4, -1)
+    x[0, 0, 0, :3] = 0.0
+    h = P.log_hist(x)
+    assert h.shape == (P.N_LOG_BINS + 1,) and float(h.sum()) == x.numel() and float(h[0]) == 3
+    lo, hi = P._bin_edges()
+    v = x.flatten().double()
+    v = v[v > 0]
+    j = torch.searchsorted(lo, v, right=True) - 1  # the bin each value belongs to by its edges
+    assert torch.equal(torch.bincount(j, minlength=P.N_LOG_BINS).double(), h[1:])
+    q = P.hist_quantile(h, 0.999)
+    assert torch.quantile(v.float(), 0.999) <= q <= 2 * torch.quantile(v.float(), 0.999)
+
+
+def test_retrained_weights_do_not_reuse_a_cached_calibration(random_pipe, tmp_path):
+    from dgq.studio import _calibration_key
+
+    key = _calibration_key(random_pipe, ["a red circle"], 4, 7.5)
+    layer = random_pipe.unet.conv_in
+    with torch.no_grad():
+        layer.weight.add_(1e-3)
+    try:
+        assert _calibration_key(random_pipe, ["a red circle"], 4, 7.5)["weights"] != key["weights"]
+    finally:
+        with torch.no_grad():
+            layer.weight.sub_(1e-3)
