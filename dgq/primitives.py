@@ -121,21 +121,37 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 # ----------------------------------------------------------------------------- log2
 def log_fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int, inplace: bool = False) -> torch.Tensor:
-    """Base-2 log quantize-dequantize of non-negative `x` (attention probabilities), fp32.
+    """Base-2 log quantize-dequantize of non-negative `x` (attention probabilities), fp32:
+    ``s · 2^−clamp(round(−log2(x/s)), 0, 2^b−1)``, the last code meaning zero.
 
-    `scale` broadcasts against `x` (a per-sample dynamic max has shape [B, 1, 1, 1]). Zeros give
-    −log2(0) = +inf, which clamps onto the zero code; values above the scale clamp onto code 0.
-    `inplace=True` reuses an fp32 `x` as the output buffer (one allocation less per call).
+    `scale` broadcasts against `x` (a per-sample dynamic max has shape [B, 1, 1, 1]). Values above
+    the scale clamp onto code 0. Computed without log2/exp2: round(log2 y) = floor(log2(y·√2)),
+    and 2^floor(log2 z) is z with its float32 mantissa bits cleared — five cheap elementwise ops
+    instead of ten with two transcendental ones (the quantizer runs on every attention map).
+    Inputs below 2^-126 of the scale (float32 denormals) come out as 0 rather than a code
+    past 126, which only matters for 8-bit probabilities and changes nothing numerically.
+    `inplace=True` reuses an fp32 `x` as the output buffer.
     """
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).clamp_min(EPS)
-    zero_code = float(2**bits - 1)
     if x.dtype == torch.float32 and inplace:
-        y = x.div_(scale)
+        z = x.mul_(math.sqrt(2.0) / scale)
     else:
-        y = torch.div(x.float(), scale)
-    code = y.log2_().neg_().round_().clamp_(0.0, zero_code)
-    is_zero = code == zero_code
-    return code.neg_().exp2_().mul_(scale).masked_fill_(is_zero, 0.0)
+        z = torch.mul(x.float(), math.sqrt(2.0) / scale)
+    q = z.view(torch.int32).bitwise_and_(0x7F800000).view(torch.float32)  # 2^round(log2(x/s))
+    q.clamp_(max=1.0)
+    smallest = 2.0 ** -(2**bits - 2)  # code 2^b−2; code 2^b−1 is zero
+    q.masked_fill_(q < smallest, 0.0)
+    return q.mul_(scale)
+
+
+def _log_fake_quant_reference(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """The definition with log2/exp2 (tests compare `log_fake_quant` against it)."""
+    x = x.float()
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).clamp_min(EPS)
+    zero_code = float(2**bits - 1)
+    code = torch.round(torch.log2(x / scale).neg_()).clamp_(0.0, zero_code)
+    out = torch.exp2(code.neg()).mul_(scale)
+    return out.masked_fill_(code == zero_code, 0.0)
 
 
 def log_codes(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:

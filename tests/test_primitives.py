@@ -135,3 +135,16 @@ def test_stacked_mse_search_matches_the_sequential_search():
             same = (lo == rlo) & (hi == rhi)
             assert bool((same | torch.isclose(err, rerr, rtol=1e-5)).all()), (shape, bits)
             assert same.float().mean() > 0.9
+
+
+def test_log_quantizer_bit_trick_equals_the_log2_definition():
+    g = torch.Generator().manual_seed(12)
+    x = torch.softmax(torch.randn(2, 2, 32, 77, generator=g) * 4, -1)
+    x[0, 0, 0, :4] = 0.0
+    for bits in (3, 4, 6, 8):
+        for s in (x.amax(dim=(1, 2, 3), keepdim=True), torch.tensor(0.3), 0.05):
+            a = P.log_fake_quant(x, s, bits)
+            b = P._log_fake_quant_reference(x, s, bits)
+            normal = x / torch.as_tensor(s) >= 2.0**-126  # float32 denormals are the documented exception
+            assert torch.equal(a[normal], b[normal]), (bits, s)
+            assert bool((a[~normal] == 0).all())
