@@ -140,7 +140,7 @@ def log_fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int, inpl
     q = z.view(torch.int32).bitwise_and_(0x7F800000).view(torch.float32)  # 2^round(log2(x/s))
     q.clamp_(max=1.0)
     smallest = 2.0 ** -(2**bits - 2)  # code 2^b−2; code 2^b−1 is zero
-    q.masked_fill_(q < smallest, 0.0)
+    torch.nn.functional.threshold_(q, 0.75 * smallest, 0.0)  # powers of two: keeps ≥ smallest, no mask tensor
     return q.mul_(scale)
 
 
