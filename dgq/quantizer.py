@@ -74,15 +74,18 @@ class ProbQuant:
 class QuantParams:
     """Parameters of one config over one calibration; safe to share between threads."""
 
-    def __init__(self, calibration: Calibration, config: QuantConfig, tables: tuple | None = None) -> None:
+    def __init__(self, calibration: Calibration, config: QuantConfig, tables: tuple | None = None,
+                 device: torch.device | str = "cpu") -> None:
         """`tables` shares the built activation/probability parameters of a config that differs
-        only in `w_bits` (they do not depend on it)."""
+        only in `w_bits` (they do not depend on it); `device` is where the model runs (parameters
+        are moved there once per site, already shaped for the layer's input)."""
         if isinstance(config, (BaselineConfig, DGQConfig)) and calibration is None:
             raise ValueError("quantized configs need a calibration: call dgq.calibrate(pipe, ...) first")
         self.calib = calibration
         self.config = config
         self.w_bits = config.w_bits
         self.a_bits = config.a_bits
+        self.device = torch.device(device)
         self._act: dict[tuple[str, int], ActQuant | None] = {}
         self._prob: dict[tuple[str, int], ProbQuant | None] = {}
         self._lock = threading.Lock()
@@ -140,9 +143,7 @@ class QuantParams:
             lo = calib.tensors[f"{site}|ema_min{sfx}"][rows]
             hi = calib.tensors[f"{site}|ema_max{sfx}"][rows]
             s, z = P.uniform_qparams(lo, hi, bits)
-            rows = zip(s.unbind(0), z.unbind(0), *(x.unbind(0) for x in derive(s, z, bits)))
-            return {(site, t): ActQuant(bits, "tensor", si, zi, start_fp, derived=tuple(d))
-                    for t, (si, zi, *d) in zip(keys, rows)}
+            return {(site, t): q for t, q in zip(keys, self._stacked(info, "tensor", s, z, None, start_fp))}
         variant = "x0" if start_fp else "full"
         by_axis: dict[str, list[int]] = {}
         for t in keys:
@@ -158,9 +159,22 @@ class QuantParams:
                 s = torch.cat([torch.ones(len(ts), 1), s], 1)
                 z = torch.cat([torch.zeros(len(ts), 1), z], 1)
                 labels = torch.cat([torch.full((len(ts), 1), -1, dtype=labels.dtype), labels], 1)
-            rows = zip(s.unbind(0), z.unbind(0), labels.unbind(0), *(x.unbind(0) for x in derive(s, z, bits)))
-            for t, (si, zi, li, *d) in zip(ts, rows):
-                out[(site, t)] = ActQuant(bits, axis, si, zi, start_fp, li, derived=tuple(d))
+            out.update(((site, t), q) for t, q in zip(ts, self._stacked(info, axis, s, z, labels, start_fp)))
+        return out
+
+    def _stacked(self, info, mode: str, s: torch.Tensor, z: torch.Tensor, labels: torch.Tensor | None,
+                 start_fp: bool) -> list[ActQuant]:
+        """One `ActQuant` per row of stacked [T, N] (or [T]) scales, with the applied form
+        (s, 1/s, −z, 2^b−1−z) moved to the device and shaped for the site's input in one go."""
+        bits, n = self.a_bits, s.shape[0]
+        shape = _site_shape(info, mode)
+        parts = [x.to(self.device).reshape(n, *shape) for x in derive(s, z, bits)]
+        lab = labels.unbind(0) if labels is not None else (None,) * n
+        out = []
+        for si, zi, li, *row in zip(s.unbind(0), z.unbind(0), lab, *(x.unbind(0) for x in parts)):
+            q = ActQuant(bits, mode, si, zi, start_fp, li, derived=tuple(row))
+            q._on_device[(self.device, shape)] = q.derived
+            out.append(q)
         return out
 
     def _build_act(self, site: str, t_key: int) -> ActQuant | None:
@@ -241,6 +255,19 @@ def _shape(kind: str, mode: str, x: torch.Tensor) -> tuple[int, ...]:
             return (1, 1, -1)
         return (1, 1, -1) if mode == "channel" else (1, -1, 1)
     # q/k/v: [B, heads, T, d]
+    return (1, 1, 1, -1) if mode == "channel" else (1, 1, -1, 1)
+
+
+def _site_shape(info, mode: str) -> tuple[int, ...]:
+    """The broadcast shape `apply_act` will ask for at this site (see `_shape`)."""
+    if mode == "tensor":
+        return ()
+    if info.kind == "conv":
+        if mode == "pixel":
+            return (1, 1, -1) if info.needs_unfold() else (1, 1, *info.pixel_shape)
+        return (1, -1, 1, 1)
+    if info.kind == "linear":
+        return (1, 1, -1) if mode == "channel" else (1, -1, 1)
     return (1, 1, 1, -1) if mode == "channel" else (1, 1, -1, 1)
 
 

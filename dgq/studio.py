@@ -249,7 +249,8 @@ class Studio:
             if p is None:
                 # activation parameters do not depend on the weight bits: a W-only change reuses them
                 same_acts = next((q for c, q in self._params.items() if replace(c, w_bits=8) == replace(config, w_bits=8)), None)
-                p = QuantParams(self.calibration, config, tables=same_acts.tables if same_acts else None)
+                p = QuantParams(self.calibration, config, tables=same_acts.tables if same_acts else None,
+                                device=self.pipe.unet.device)
                 self._params[config] = p
                 while len(self._params) > 32:
                     self._params.popitem(last=False)
