@@ -161,7 +161,7 @@ class Callbacks:
 
     def _run(self, req: Request, configs: list[tuple[str, Any]], progress) -> dict[str, tuple[Result, bool]]:
         todo = [name for name, cfg in configs if self.engine.cached(req, cfg) is None]
-        total = max(1, len(todo) * req.steps)
+        total = max(1, len(todo) * (req.steps + 1))  # PNDM makes steps + 1 UNet calls; the bar is clamped
         done = [0]
         out = {}
         for name, cfg in configs:

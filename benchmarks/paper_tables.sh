@@ -2,14 +2,31 @@
 # Regenerates the embedded-model tables of docs/results.md (resumable: rerun after an interruption;
 # settings are ordered so the most informative rows finish first).
 # 200 held-out prompts (assets/prompts/shapes_eval_240.txt), image i uses seed 42 + i, guidance 7.5.
+#
+#   STEPS=10 bash benchmarks/paper_tables.sh            # one process
+#   STEPS=10 SHARDS=2 bash benchmarks/paper_tables.sh   # two single-thread CPU processes (2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=assets/prompts/shapes_eval_240.txt
 STEPS=${STEPS:-10}
-python -m dgq eval --model tiny --prompts-file "$P" --limit 200 --steps "$STEPS" --batch-size 20 \
-  --domain-fid-refs 1000 --out runs/results/table2 --settings \
-fp,tfmq:W4A6,dgq:W4A6:K16,tfmq:W8A8,dgq:W8A8:K16,qdiff:W4A6,\
+SHARDS=${SHARDS:-1}
+OUT=${OUT:-runs/results/table2}
+SETTINGS=fp,tfmq:W4A6,dgq:W4A6:K16,tfmq:W8A8,dgq:W8A8:K16,qdiff:W4A6,\
 dgq:W4A6:K16:nogroups,dgq:W4A6:K16:nolog:nostart:static,tfmq:W4A4,dgq:W4A4:K16,\
 dgq:W4A6:K8,dgq:W4A6:K16:axis=channel,dgq:W4A6:K16:axis=pixel,dgq:W4A6:K2,dgq:W4A6:K16:static,dgq:W4A6:K16:nostart,\
 qdiff:W8A8,dgq:W8A8:K8,dgq:W8A8:K2,qdiff:W8A6,tfmq:W8A6,dgq:W8A6:K8,dgq:W8A6:K16,\
-qdiff:W4A8,tfmq:W4A8,dgq:W4A8:K8,dgq:W4A8:K16,tfmq:W8A4,dgq:W8A4:K16
+qdiff:W4A8,tfmq:W4A8,dgq:W4A8:K8,dgq:W4A8:K16,qdiff:W4A4,dgq:W4A4:K8,tfmq:W8A4,dgq:W8A4:K16
+ARGS=(--model tiny --prompts-file "$P" --limit 200 --steps "$STEPS" --batch-size 20
+      --domain-fid-refs 1000 --out "$OUT" --settings "$SETTINGS")
+
+if [ "$SHARDS" -le 1 ]; then
+  exec python -m dgq eval "${ARGS[@]}"
+fi
+mkdir -p "$OUT"
+pids=()
+for ((r = 1; r < SHARDS; r++)); do
+  OMP_NUM_THREADS=1 RANK=$r WORLD_SIZE=$SHARDS python -m dgq eval "${ARGS[@]}" > "$OUT/rank$r.log" 2>&1 &
+  pids+=($!)
+done
+OMP_NUM_THREADS=1 RANK=0 WORLD_SIZE=$SHARDS python -m dgq eval "${ARGS[@]}"
+for p in "${pids[@]}"; do wait "$p"; done

@@ -156,11 +156,13 @@ def calibrate(
     collector = StatsCollector(seed=seed)
     view = _pipeline_view(pipe)
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    view.scheduler.set_timesteps(steps)  # PNDM runs steps + 1 UNet calls: count what will be called
+    total = len(batches) * len(view.scheduler.timesteps)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        bar = tqdm(total=len(batches) * steps, desc="calibrating", unit="step")
+        bar = tqdm(total=total, desc="calibrating", unit="step")
     done = 0
 
     def on_step(_pipe, _i, _t, kw):
@@ -169,7 +171,7 @@ def calibrate(
         if bar is not None:
             bar.update(1)
         elif callable(progress):
-            progress(done, len(batches) * steps)
+            progress(done, total)
         return kw
 
     gen = torch.Generator("cpu").manual_seed(seed)
@@ -320,10 +322,12 @@ class Studio:
             recorder.tokens = self.tokens(prompts[0])[0]
             recorder.cfg = guidance > 1.0
         view = _pipeline_view(self.pipe)
+        view.scheduler.set_timesteps(steps)
+        n_calls = len(view.scheduler.timesteps)  # PNDM: steps + 1 UNet calls
 
         def on_step(_pipe, i, _t, kw):
             if progress is not None:
-                progress(i + 1, steps)
+                progress(i + 1, n_calls)
             return kw
 
         gen = ([torch.Generator("cpu").manual_seed(s_) for s_ in seeds] if len(seeds) > 1
