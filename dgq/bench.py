@@ -206,7 +206,7 @@ def bench_unet_step(unet, batch: int = 2, repeats: int = 2, w_bits: int = 8, a_b
     call(RunContext(collector=collector))
     calib = collector.finalize({"model": "random-weights"})
     calib_s = time.perf_counter() - t0
-    params = QuantParams(calib, dgq.DGQConfig(w_bits, a_bits, groups=groups))
+    params = QuantParams(calib, dgq.DGQConfig(w_bits, a_bits, groups=groups), device=device)
     fp_first = call(RunContext())
     dgq_first = call(RunContext(params=params))  # includes quantizing every weight once
     fp, dq = [], []
