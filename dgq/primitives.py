@@ -45,16 +45,6 @@ def quant_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
     return torch.clamp(torch.round(x.float() / scale) + zero, 0, 2**bits - 1)
 
 
-def minmax_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor range stretched to include 0 (the authors' `minmax`)."""
-    return x.min().clamp(max=0.0), x.max().clamp(min=0.0)
-
-
-def _lp_err(x: torch.Tensor, xq: torch.Tensor, p: float, dim: int | None) -> torch.Tensor:
-    d = (x - xq).abs().pow(p)
-    return d.mean() if dim is None else d.mean(dim=dim)
-
-
 _SEARCH_CHUNK_ELEMS = 1 << 24  # candidates evaluated at once are bounded to ~64 MB of fp32
 
 
@@ -142,16 +132,6 @@ def log_fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int, inpl
     smallest = 2.0 ** -(2**bits - 2)  # code 2^b−2; code 2^b−1 is zero
     torch.nn.functional.threshold_(q, 0.75 * smallest, 0.0)  # powers of two: keeps ≥ smallest, no mask tensor
     return q.mul_(scale)
-
-
-def _log_fake_quant_reference(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """The definition with log2/exp2 (tests compare `log_fake_quant` against it)."""
-    x = x.float()
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).clamp_min(EPS)
-    zero_code = float(2**bits - 1)
-    code = torch.round(torch.log2(x / scale).neg_()).clamp_(0.0, zero_code)
-    out = torch.exp2(code.neg()).mul_(scale)
-    return out.masked_fill_(code == zero_code, 0.0)
 
 
 def log_codes(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:

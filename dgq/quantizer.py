@@ -244,12 +244,12 @@ class QuantParams:
 
 
 # ----------------------------------------------------------------------------- application
-def _shape(kind: str, mode: str, x: torch.Tensor) -> tuple[int, ...]:
-    """Broadcast shape of a site's per-index parameters."""
+def _shape(kind: str, mode: str, spatial: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Broadcast shape of a site's per-index parameters (`spatial`: H, W of a conv input)."""
     if mode == "tensor":
         return ()
     if kind == "conv":  # [B, C, H, W]
-        return (1, -1, 1, 1) if mode == "channel" else (1, 1, *x.shape[2:])
+        return (1, -1, 1, 1) if mode == "channel" else (1, 1, *spatial)
     if kind in ("linear", "cols"):  # [B, N, C]; im2col columns [B, C·k·k, L] use pixel = last
         if kind == "cols":
             return (1, 1, -1)
@@ -259,16 +259,9 @@ def _shape(kind: str, mode: str, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def _site_shape(info, mode: str) -> tuple[int, ...]:
-    """The broadcast shape `apply_act` will ask for at this site (see `_shape`)."""
-    if mode == "tensor":
-        return ()
-    if info.kind == "conv":
-        if mode == "pixel":
-            return (1, 1, -1) if info.needs_unfold() else (1, 1, *info.pixel_shape)
-        return (1, -1, 1, 1)
-    if info.kind == "linear":
-        return (1, 1, -1) if mode == "channel" else (1, -1, 1)
-    return (1, 1, 1, -1) if mode == "channel" else (1, 1, -1, 1)
+    """The broadcast shape `apply_act` will ask for at this site (unfolded convs use "cols")."""
+    kind = "cols" if info.kind == "conv" and mode == "pixel" and info.needs_unfold() else info.kind
+    return _shape(kind, mode, tuple(info.pixel_shape))
 
 
 def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
@@ -276,7 +269,7 @@ def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor
 
     One allocation, then in-place ops: on CPU a fresh large buffer per op costs page faults that
     outweigh the arithmetic."""
-    s, inv, lo, hi = q.prepared(x.device, _shape(kind, q.mode, x))
+    s, inv, lo, hi = q.prepared(x.device, _shape(kind, q.mode, tuple(x.shape[2:])))
     y = x.float().mul_(inv) if x.dtype != torch.float32 else x * inv
     y.round_()
     torch.maximum(y, lo, out=y)
