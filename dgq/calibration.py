@@ -95,12 +95,17 @@ class StatsCollector:
 
     # ------------------------------------------------------------------ observation
     def _update(self, site: str, t: int, vals: dict[str, torch.Tensor]) -> None:
+        """Fold one call's statistics into timestep `t`'s accumulators; the all-steps set only
+        keeps its running EMAs here (they depend on the call order) and gets its min/max/
+        histograms from the per-timestep ones in `finalize` (same values, half the work)."""
         acc = self.acc.setdefault((site, t), {})
+        acc_all = self.acc.setdefault((site, ALL), {})
         for k, v in vals.items():
             v = v.detach().float().cpu()
+            ema = k.startswith("ema")
             if k not in acc:
                 acc[k] = v.clone()
-            elif k.startswith("ema"):
+            elif ema:
                 acc[k].mul_(EMA_MOMENTUM).add_(v, alpha=1 - EMA_MOMENTUM)
             elif k.startswith("hist"):
                 acc[k].add_(v)
@@ -110,6 +115,27 @@ class StatsCollector:
                 torch.maximum(acc[k], v, out=acc[k])
             else:
                 raise KeyError(f"no aggregation rule for statistic {k!r}")
+            if ema:
+                if k in acc_all:
+                    acc_all[k].mul_(EMA_MOMENTUM).add_(v, alpha=1 - EMA_MOMENTUM)
+                else:
+                    acc_all[k] = v.clone()
+
+    def _fold_all(self, site: str, t_keys: list[int]) -> dict[str, torch.Tensor]:
+        """The all-steps accumulators of `site`: min/max/sum over its per-timestep ones."""
+        acc_all = self.acc.setdefault((site, ALL), {})
+        per_t = [self.acc[(site, t)] for t in t_keys]
+        for k in per_t[0]:
+            if k.startswith("ema"):
+                continue
+            stack = torch.stack([a[k] for a in per_t])
+            if k.startswith("hist"):
+                acc_all[k] = stack.sum(0)
+            elif "min" in k:
+                acc_all[k] = stack.amin(0)
+            else:
+                acc_all[k] = stack.amax(0)
+        return {k: acc_all[k] for k in per_t[0]}  # the per-timestep field order
 
     def _register(self, site: str, kind: str, x: torch.Tensor, cross: bool, conv: dict | None) -> SiteInfo:
         info = self.sites.get(site)
@@ -148,8 +174,7 @@ class StatsCollector:
                 vals["chx_min"], vals["chx_max"] = rmn.amin(dim=(0, 1)), rmx.amax(dim=(0, 1))
                 r_lo, r_hi = rmn.min(), rmx.max()
                 vals.update(tmin_x0=r_lo, tmax_x0=r_hi, ema_min_x0=r_lo.clamp(max=0.0), ema_max_x0=r_hi.clamp(min=0.0))
-        for key in (self.t, ALL):
-            self._update(site, key, vals)
+        self._update(site, self.t, vals)
         flat = x.reshape(-1)
         idx = torch.randint(0, flat.numel(), (SAMPLE_PER_CALL,), generator=self.gen).to(flat.device)
         self.samples.setdefault(site, []).append(torch.cat([flat[idx], mn[None], mx[None]]).cpu())
@@ -164,8 +189,7 @@ class StatsCollector:
         rest = p[..., 1:] if cross else p
         vals = {"hist": P.log_hist(rest), "pmax": p.max(), "pmax_rest": rest.max()}
         vals["hist0"] = P.log_hist(p[..., 0]) if cross else torch.zeros(P.N_LOG_BINS + 1, dtype=torch.float64)
-        for key in (self.t, ALL):
-            self._update(site, key, vals)
+        self._update(site, self.t, vals)
 
     # ------------------------------------------------------------------ finalize
     def finalize(self, meta: dict[str, Any]) -> Calibration:
@@ -174,7 +198,7 @@ class StatsCollector:
         keys = t_keys + [ALL]
         tensors: dict[str, torch.Tensor] = {}
         for name, info in self.sites.items():
-            per_t = [self.acc[(name, t)] for t in keys]
+            per_t = [self.acc[(name, t)] for t in t_keys] + [self._fold_all(name, t_keys)]
             for fld in per_t[0]:
                 tensors[f"{name}|{fld}"] = torch.stack([a[fld] for a in per_t])
             if name in self.samples:

@@ -36,6 +36,7 @@ class ActQuant:
     labels: torch.Tensor | None = None  # group id per index (for display)
     derived: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+    _by_input: dict = field(default_factory=dict, repr=False, compare=False)  # (kind, spatial, device) → prepared
 
     def prepared(self, device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """(scale, 1/scale, lowest code − z, highest code − z), shaped to broadcast against an
@@ -267,14 +268,22 @@ def _site_shape(info, mode: str) -> tuple[int, ...]:
 def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
     """Quantize-dequantize with the precomputed parameters (fp32 arithmetic, x's dtype out).
 
-    One allocation, then in-place ops: on CPU a fresh large buffer per op costs page faults that
-    outweigh the arithmetic."""
-    s, inv, lo, hi = q.prepared(x.device, _shape(kind, q.mode, tuple(x.shape[2:])))
-    y = x.float().mul_(inv) if x.dtype != torch.float32 else x * inv
+    Multiply by 1/s into one fresh buffer, then round, clamp and rescale in place (on CPU a fresh
+    buffer per op costs page faults that outweigh the arithmetic; `clamp_` with tensor bounds is
+    3–5× slower than `maximum` + `minimum` on CPU when the bounds broadcast over inner axes). The
+    parameters are looked up by the input's (kind, spatial shape, device) in one dict access:
+    these tensors are small, so per-call Python work is a large share of the cost."""
+    key = (kind, x.shape[2:], x.device)
+    hit = q._by_input.get(key)
+    if hit is None:
+        hit = q._by_input[key] = q.prepared(x.device, _shape(kind, q.mode, tuple(x.shape[2:])))
+    s, inv, lo, hi = hit
+    y = x.float().mul_(inv) if x.dtype != torch.float32 else torch.mul(x, inv)
     y.round_()
     torch.maximum(y, lo, out=y)
     torch.minimum(y, hi, out=y)
-    return y.mul_(s).to(x.dtype)
+    y.mul_(s)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
@@ -307,7 +316,9 @@ def apply_prob(p: torch.Tensor, q: ProbQuant, inplace: bool = False) -> torch.Te
         scale = torch.tensor(q.scale, device=p.device)
     col0 = p[..., :1].clone() if q.start_fp else None
     if q.log:
-        out = P.log_fake_quant(p, scale, q.bits, inplace=inplace)
+        # a dynamic scale is the max of the quantized part: nothing lies above it (the <start>
+        # column may, but it is put back below), so the clamp onto code 0 has nothing to do
+        out = P.log_fake_quant(p, scale, q.bits, inplace=inplace, at_most_scale=q.dynamic)
     else:
         out = P.fake_quant(p, scale, torch.zeros((), device=p.device), q.bits)
     if col0 is not None:

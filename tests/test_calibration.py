@@ -38,6 +38,32 @@ def test_aggregation_rules_min_max_ema_hist():
     assert cal.nearest_t(880) == 900 and cal.nearest_t(0) == 100
 
 
+def test_all_steps_set_equals_aggregating_every_call():
+    """The all-steps statistics are folded from the per-timestep ones at the end; they must equal
+    aggregating every call in order (EMA included, which depends on the order)."""
+    g = torch.Generator().manual_seed(0)
+    c = StatsCollector()
+    calls = [(t, torch.randn(2, 6, 4, generator=g) * (1 + i), torch.softmax(torch.randn(2, 1, 6, 77, generator=g) * 3, -1))
+             for i, t in enumerate((900, 900, 500, 100, 500, 900))]
+    for t, x, p in calls:
+        c.set_timestep(t)
+        c.observe("lin", x, "linear")
+        c.observe_probs("attn2.p", p, cross=True)
+    cal = c.finalize({"model": "x"})
+    xs = torch.stack([x for _, x, _ in calls])
+    assert float(cal.get("lin", "tmin", ALL)) == pytest.approx(float(xs.min()), rel=1e-3)
+    assert torch.allclose(cal.get("lin", "ch_max", ALL), xs.amax(dim=(0, 1, 2)).half().float())
+    assert torch.allclose(cal.get("lin", "px_min", ALL), xs.amin(dim=(0, 1, 3)).half().float())
+    ema = None
+    for _, x, _ in calls:
+        v = min(float(x.min()), 0.0)
+        ema = v if ema is None else EMA_MOMENTUM * ema + (1 - EMA_MOMENTUM) * v
+    assert float(cal.get("lin", "ema_min", ALL)) == pytest.approx(ema, rel=1e-3)
+    per_t = sum(cal.get("attn2.p", "hist", t) for t in (900, 500, 100))
+    assert torch.equal(cal.get("attn2.p", "hist", ALL), per_t)
+    assert float(per_t.sum()) == 6 * 2 * 6 * 76
+
+
 def test_save_load_round_trip_and_refusals(tmp_path):
     cal, _ = _two_batches()
     cal.save(tmp_path / "c")

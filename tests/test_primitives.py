@@ -158,3 +158,52 @@ def test_log_quantizer_bit_trick_equals_the_log2_definition():
             normal = x / torch.as_tensor(s) >= 2.0**-126  # float32 denormals are the documented exception
             assert torch.equal(a[normal], b[normal]), (bits, s)
             assert bool((a[~normal] == 0).all())
+
+
+def _kmeans_all_together(points, k, iters=40, seed=0):
+    """Reference: Lloyd iterations on every problem until all of them stop changing."""
+    g, p, _ = points.shape
+    pts = points.double()
+    px, py = pts[..., 0], pts[..., 1]
+    rows = torch.arange(g)
+    gen = torch.Generator().manual_seed(seed)
+    cx, cy = torch.empty(g, k, dtype=pts.dtype), torch.empty(g, k, dtype=pts.dtype)
+    first = torch.randint(0, p, (g,), generator=gen)
+    cx[:, 0], cy[:, 0] = px[rows, first], py[rows, first]
+    d2 = (px - cx[:, :1]) ** 2 + (py - cy[:, :1]) ** 2
+    for j in range(1, k):
+        w = d2 + 1e-30
+        idx = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+        cx[:, j], cy[:, j] = px[rows, idx], py[rows, idx]
+        d2 = torch.minimum(d2, (px - cx[:, j : j + 1]) ** 2 + (py - cy[:, j : j + 1]) ** 2)
+    labels = torch.full((g, p), -1, dtype=torch.long)
+    for _ in range(iters):
+        new = ((px[:, :, None] - cx[:, None, :]) ** 2 + (py[:, :, None] - cy[:, None, :]) ** 2).argmin(-1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        count = torch.zeros(g, k, dtype=pts.dtype).scatter_add_(1, labels, torch.ones_like(px))
+        sx = torch.zeros(g, k, dtype=pts.dtype).scatter_add_(1, labels, px)
+        sy = torch.zeros(g, k, dtype=pts.dtype).scatter_add_(1, labels, py)
+        cx = torch.where(count > 0, sx / count.clamp_min(1), cx)
+        cy = torch.where(count > 0, sy / count.clamp_min(1), cy)
+    return P._canonical_labels(labels, points, k)
+
+
+@pytest.mark.parametrize("k", [2, 8, 16])
+def test_kmeans_dropping_converged_problems_equals_iterating_all(k):
+    g = torch.Generator().manual_seed(k)
+    # problems of very different difficulty, so they converge after different numbers of steps
+    pts = torch.randn(40, 96, 2, generator=g) * torch.rand(40, 1, 2, generator=g) * 5
+    pts[:10] = torch.randn(10, 96, 2, generator=g).round()  # many ties
+    pts[..., 1] = pts[..., 0].abs() + pts[..., 1].abs()
+    assert torch.equal(P.kmeans(pts, k), _kmeans_all_together(pts, k))
+    assert torch.equal(P.kmeans(pts, k, iters=2), _kmeans_all_together(pts, k, iters=2))
+
+
+def test_log_quantizer_may_skip_the_clamp_below_its_scale():
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(2, 2, 8, 77, generator=g) * 4, -1)
+    s = p.amax(dim=(1, 2, 3), keepdim=True)
+    for bits in (4, 6, 8):
+        assert torch.equal(P.log_fake_quant(p, s, bits, at_most_scale=True), P.log_fake_quant(p, s, bits))
