@@ -14,6 +14,7 @@ which is why a bit-width change never recalibrates.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -268,22 +269,73 @@ def _site_shape(info, mode: str) -> tuple[int, ...]:
 def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
     """Quantize-dequantize with the precomputed parameters (fp32 arithmetic, x's dtype out).
 
-    Multiply by 1/s into one fresh buffer, then round, clamp and rescale in place (on CPU a fresh
-    buffer per op costs page faults that outweigh the arithmetic; `clamp_` with tensor bounds is
-    3–5× slower than `maximum` + `minimum` on CPU when the bounds broadcast over inner axes). The
-    parameters are looked up by the input's (kind, spatial shape, device) in one dict access:
-    these tensors are small, so per-call Python work is a large share of the cost."""
-    key = (kind, x.shape[2:], x.device)
-    hit = q._by_input.get(key)
-    if hit is None:
-        hit = q._by_input[key] = q.prepared(x.device, _shape(kind, q.mode, tuple(x.shape[2:])))
-    s, inv, lo, hi = hit
+    On CPU in fp32 this is one pass of the fused kernel (`dgq.kernels`), bit-identical to the
+    eager ops below. Eager: multiply by 1/s into one fresh buffer, then round, clamp and rescale
+    in place (a fresh buffer per op costs page faults that outweigh the arithmetic; `clamp_`
+    with tensor bounds is 3–5× slower than `maximum` + `minimum` on CPU when the bounds
+    broadcast over inner axes). Everything that depends only on the input's shape is worked
+    out once and kept on `q` (one dict lookup per call): these tensors are small, so per-call
+    Python work is a large share of the cost."""
+    key = (kind, x.shape, x.stride(), x.dtype, x.device)
+    plan = q._by_input.get(key)
+    if plan is None:
+        shp = _shape(kind, q.mode, tuple(x.shape[2:]))
+        params = q.prepared(x.device, shp)
+        plan = q._by_input[key] = (params, _kernel_plan(x, params, shp))
+    params, fused = plan
+    if fused is not None and not x.requires_grad:
+        swapped, layout, ptrs = fused
+        xc = x.transpose(1, 2) if swapped else x
+        y = torch.empty(xc.shape)
+        _KERNELS.dgq_fake_quant(xc.data_ptr(), y.data_ptr(), *layout, *ptrs)
+        return y.transpose(1, 2) if swapped else y
+    s, inv, lo, hi = params
     y = x.float().mul_(inv) if x.dtype != torch.float32 else torch.mul(x, inv)
     y.round_()
     torch.maximum(y, lo, out=y)
     torch.minimum(y, hi, out=y)
     y.mul_(s)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+_KERNELS = None  # the loaded fused kernels, once a plan has asked for them
+
+
+def _kernel_plan(x: torch.Tensor, params: tuple[torch.Tensor, ...], shp: tuple[int, ...]):
+    """How the fused CPU kernel takes inputs of x's shape and layout: (swapped, (outer,
+    indices, inner), parameter pointers), or None (eager ops: GPU, other dtypes, layouts the
+    kernel does not cover, no compiler).
+
+    Attention's q/k/v arrive as [B, heads, T, d] views of contiguous [B, T, heads, d] tensors:
+    they are quantized in that memory order (the same elementwise result) and returned as the
+    same kind of view, so no copy is made."""
+    global _KERNELS
+    from dgq import kernels  # noqa: PLC0415
+
+    if not kernels.usable(x):
+        return None
+    swapped = False
+    if not x.is_contiguous():
+        if x.dim() != 4 or not x.transpose(1, 2).is_contiguous():
+            return None
+        x, swapped = x.transpose(1, 2), True
+        if shp:
+            shp = (shp[0], shp[2], shp[1], shp[3])
+    if not shp:
+        layout = (1, 1, x.numel())
+    else:
+        if len(shp) != x.dim():
+            return None
+        idx = [i for i, v in enumerate(shp) if v != 1]
+        first, last = idx[0], idx[-1]
+        layout = (math.prod(x.shape[:first]), math.prod(x.shape[first:last + 1]), math.prod(x.shape[last + 1:]))
+    if any(p.numel() != layout[1] or not p.is_contiguous() or p.dtype != torch.float32 for p in params):
+        return None
+    lib = kernels.library()
+    if lib is None:
+        return None
+    _KERNELS = lib
+    return swapped, layout, tuple(p.data_ptr() for p in params)
 
 
 def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
@@ -305,6 +357,13 @@ def apply_prob(p: torch.Tensor, q: ProbQuant, inplace: bool = False) -> torch.Te
     """Quantize softmax probabilities [B, heads, Nq, Nk] (fp32 in, fp32 out; `inplace=True` lets
     the log quantizer overwrite `p`, which the attention processor no longer needs). With `<start>` in FP the scale comes from the other keys and column 0 is put back
     after quantizing the whole tensor in place (no concatenation)."""
+    if q.log and q.dynamic and inplace:
+        from dgq import kernels  # noqa: PLC0415
+
+        # one fused call on CPU (max, then quantize; bit-identical), the <start> column skipped
+        done = kernels.log_quant_dynamic_(p, q.bits, q.scope == "sample", q.start_fp)
+        if done is not None:
+            return done
     rest = p[..., 1:] if q.start_fp else p
     if q.dynamic:
         if q.scope == "sample":
@@ -314,6 +373,13 @@ def apply_prob(p: torch.Tensor, q: ProbQuant, inplace: bool = False) -> torch.Te
         scale = top if q.log else top / (2**q.bits - 1)
     else:
         scale = torch.tensor(q.scale, device=p.device)
+    if q.log and inplace:
+        from dgq import kernels  # noqa: PLC0415
+
+        # one fused pass on CPU (bit-identical); the <start> column is skipped, not restored
+        done = kernels.log_quant_(p, scale, q.bits, clamp=not q.dynamic, skip_first=q.start_fp)
+        if done is not None:
+            return done
     col0 = p[..., :1].clone() if q.start_fp else None
     if q.log:
         # a dynamic scale is the max of the quantized part: nothing lies above it (the <start>

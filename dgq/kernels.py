@@ -1,0 +1,251 @@
+"""Optional fused CPU kernels for the two quantizers that run on every UNet call.
+
+Simulated quantization in eager PyTorch is five elementwise ops per site (multiply by 1/s,
+round, max, min, rescale), each a pass over the tensor plus a dispatch. On the embedded model's
+small maps the dispatches and passes cost more than the arithmetic: ~172 activation sites and
+14 probability maps per call. These kernels do each quantizer in one pass.
+
+They are plain C (no PyTorch headers, so a compile takes about a second), built on first use
+with the system C compiler into the cache folder (keyed by a hash of the source, the flags and
+the CPU) and called through ctypes. They compute exactly what the eager code computes, in the
+same float32 operations and order (no fast-math, no FMA contraction), so results are
+bit-identical; the tests check it. With no compiler, a failed build, a GPU tensor or a layout
+they do not cover, callers fall back to the eager path. `DGQ_KERNELS=0` turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* y = s[c] * min(max(round(x * inv[c]), lo[c]), hi[c]) for x viewed as [outer, C, inner]. */
+void dgq_fake_quant(const float* restrict x, float* restrict y, int64_t outer, int64_t C, int64_t inner,
+                    const float* restrict s, const float* restrict inv, const float* restrict lo,
+                    const float* restrict hi) {
+    if (inner == 1) {
+        for (int64_t o = 0; o < outer; ++o) {
+            const float* xr = x + o * C;
+            float* yr = y + o * C;
+            for (int64_t c = 0; c < C; ++c) {
+                float v = nearbyintf(xr[c] * inv[c]);
+                v = v < lo[c] ? lo[c] : v;
+                v = v > hi[c] ? hi[c] : v;
+                yr[c] = v * s[c];
+            }
+        }
+        return;
+    }
+    for (int64_t o = 0; o < outer; ++o) {
+        for (int64_t c = 0; c < C; ++c) {
+            const float a = inv[c], l = lo[c], h = hi[c], sc = s[c];
+            const float* xr = x + (o * C + c) * inner;
+            float* yr = y + (o * C + c) * inner;
+            for (int64_t i = 0; i < inner; ++i) {
+                float v = nearbyintf(xr[i] * a);
+                v = v < l ? l : v;
+                v = v > h ? h : v;
+                yr[i] = v * sc;
+            }
+        }
+    }
+}
+
+/* In place, p viewed as [B, rows, cols]: q = 2^floor(log2(p * mul[b])) via the exponent bits,
+   optionally clamped to 1, zeroed at or below thr, times scale[b]; column 0 untouched when
+   skip_first (the <start> key kept in FP). mul[b] = sqrt(2) / scale[b], computed by the caller. */
+void dgq_log_quant(float* restrict p, int64_t B, int64_t rows, int64_t cols, const float* restrict mul,
+                   const float* restrict scale, int64_t n_scale, float thr, int clamp, int skip_first) {
+    const int64_t c0 = skip_first ? 1 : 0;
+    for (int64_t b = 0; b < B; ++b) {
+        const float m = mul[n_scale == 1 ? 0 : b], s = scale[n_scale == 1 ? 0 : b];
+        for (int64_t r = 0; r < rows; ++r) {
+            float* row = p + (b * rows + r) * cols;
+            for (int64_t c = c0; c < cols; ++c) {
+                float z = row[c] * m;
+                uint32_t u;
+                memcpy(&u, &z, 4);
+                u &= 0x7F800000u;
+                memcpy(&z, &u, 4);
+                if (clamp) z = z > 1.0f ? 1.0f : z;
+                z = z <= thr ? 0.0f : z;
+                row[c] = z * s;
+            }
+        }
+    }
+}
+
+/* The dynamic variant: scale = max(EPS, max of the quantized part) per sample (per_sample) or
+   over the whole batch, mul = (1 / scale) * sqrt2 (the eager code's reciprocal-then-multiply),
+   then dgq_log_quant. Writes the scales it used to scale_out[B]. */
+void dgq_log_quant_dynamic(float* restrict p, int64_t B, int64_t rows, int64_t cols, int per_sample,
+                           float eps, float sqrt2, float thr, int skip_first, float* restrict scale_out,
+                           float* restrict mul_out) {
+    const int64_t c0 = skip_first ? 1 : 0;
+    float all = -INFINITY;
+    for (int64_t b = 0; b < B; ++b) {
+        float top = -INFINITY;
+        for (int64_t r = 0; r < rows; ++r) {
+            const float* row = p + (b * rows + r) * cols;
+            for (int64_t c = c0; c < cols; ++c) top = row[c] > top ? row[c] : top;
+        }
+        scale_out[b] = top;
+        all = top > all ? top : all;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+        float s = per_sample ? scale_out[b] : all;
+        s = s < eps ? eps : s;
+        scale_out[b] = s;
+        mul_out[b] = (1.0f / s) * sqrt2;
+    }
+    dgq_log_quant(p, B, rows, cols, mul_out, scale_out, B, thr, 0, skip_first);
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c99"]
+# Above this many elements the single-threaded kernels give way to PyTorch's multi-threaded
+# eager ops when more than one thread is allowed (SD-scale maps on a many-core machine).
+SINGLE_THREAD_MAX = 1 << 20
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+
+
+def _cpu_tag() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+        model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
+    except OSError:
+        flags = model = ""
+    return f"{platform.machine()}|{model}|{flags}"
+
+
+def _build(folder: Path) -> Path | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    key = hashlib.sha256("\n".join([_SOURCE, " ".join(_FLAGS), _cpu_tag()]).encode()).hexdigest()[:16]
+    lib = folder / f"dgq_kernels_{key}.so"
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+        src.write_text(_SOURCE)
+        res = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            log.warning("fused CPU kernels not built (%s): %s", cc, res.stderr.strip()[:500])
+            return None
+        os.replace(out, lib)  # atomic: a concurrent builder either sees the whole file or none
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (no compiler, build failed, or DGQ_KERNELS=0)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if os.environ.get("DGQ_KERNELS", "1") != "0":
+            from dgq.studio import cache_dir  # noqa: PLC0415
+
+            try:
+                path = _build(cache_dir() / "kernels")
+                if path is not None:
+                    lib = ctypes.CDLL(str(path))
+                    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+                    lib.dgq_fake_quant.argtypes = [p, p, i64, i64, i64, p, p, p, p]
+                    lib.dgq_fake_quant.restype = None
+                    lib.dgq_log_quant.argtypes = [p, i64, i64, i64, p, p, i64, f32, ctypes.c_int, ctypes.c_int]
+                    lib.dgq_log_quant.restype = None
+                    lib.dgq_log_quant_dynamic.argtypes = [p, i64, i64, i64, ctypes.c_int, f32, f32, f32, ctypes.c_int, p, p]
+                    lib.dgq_log_quant_dynamic.restype = None
+                    _lib = lib
+            except (OSError, subprocess.SubprocessError) as e:
+                log.warning("fused CPU kernels unavailable: %s", e)
+                _lib = None
+        _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the kernels take this tensor: CPU fp32 with no autograd, and small enough or
+    only one thread allowed."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
+            and (t.numel() <= SINGLE_THREAD_MAX or torch.get_num_threads() == 1))
+
+
+def fake_quant(x: torch.Tensor, outer: int, channels: int, inner: int, params: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """One-pass quantize-dequantize of a contiguous fp32 CPU `x` viewed as [outer, channels,
+    inner] with per-channel (s, 1/s, lo, hi) (contiguous fp32, `channels` entries each);
+    None when the kernels cannot take it (the caller runs the eager ops)."""
+    lib = library()
+    if lib is None or not usable(x) or not x.is_contiguous():
+        return None
+    s, inv, lo, hi = params
+    y = torch.empty_like(x)
+    lib.dgq_fake_quant(x.data_ptr(), y.data_ptr(), outer, channels, inner,
+                       s.data_ptr(), inv.data_ptr(), lo.data_ptr(), hi.data_ptr())
+    return y
+
+
+def log_quant_dynamic_(p: torch.Tensor, bits: int, per_sample: bool, skip_first: bool) -> torch.Tensor | None:
+    """In-place log2 quantize-dequantize of a contiguous fp32 CPU probability map [B, …, cols]
+    with the dynamic scale (max of the quantized part, per sample or over the batch) found in
+    the same call; None when the kernels cannot take it."""
+    lib = library()
+    if lib is None or not usable(p) or not p.is_contiguous() or p.dim() < 2:
+        return None
+    import math  # noqa: PLC0415
+
+    from dgq.primitives import EPS  # noqa: PLC0415
+
+    b, cols = p.shape[0], p.shape[-1]
+    work = torch.empty(2, b)
+    lib.dgq_log_quant_dynamic(p.data_ptr(), b, p[0].numel() // cols, cols, int(per_sample), EPS, math.sqrt(2.0),
+                              0.75 * 2.0 ** -(2**bits - 2), int(skip_first), work[0].data_ptr(), work[1].data_ptr())
+    return p
+
+
+def log_quant_(p: torch.Tensor, scale: torch.Tensor, bits: int, clamp: bool, skip_first: bool) -> torch.Tensor | None:
+    """In-place log2 quantize-dequantize of a contiguous fp32 CPU probability map [B, …, cols]
+    with a per-sample ([B]) or single scale; None when the kernels cannot take it."""
+    lib = library()
+    if lib is None or not usable(p) or not p.is_contiguous() or p.dim() < 2:
+        return None
+    from dgq.primitives import EPS  # noqa: PLC0415
+
+    scale = scale.detach().float().reshape(-1).clamp_min(EPS).contiguous()
+    if scale.numel() not in (1, p.shape[0]) or scale.device.type != "cpu":
+        return None
+    import math  # noqa: PLC0415
+
+    mul = (math.sqrt(2.0) / scale).contiguous()  # the same fp32 division as the eager quantizer
+    smallest = 2.0 ** -(2**bits - 2)
+    cols = p.shape[-1]
+    lib.dgq_log_quant(p.data_ptr(), p.shape[0], p[0].numel() // cols, cols, mul.data_ptr(), scale.data_ptr(),
+                      scale.numel(), 0.75 * smallest, int(clamp), int(skip_first))
+    return p
