@@ -5,8 +5,9 @@ background load hits all of them alike):
 
 * per-step latency (one UNet call, CFG batch) and end-to-end latency (prompt → image) of FP, the
   TFMQ baseline and DGQ at the same W/A: the fake-quantization overhead, DGQ/FP and baseline/FP;
-* bit-width switch: the first generation after changing A (weights cached) or W (weights to
-  quantize) minus a repeat of it;
+* bit-width switch: the work a change of A (weights cached) or W (weights to quantize) costs
+  (`Studio.prepare`: every site's parameters at every timestep, the weights at the new width),
+  and the first generation after it minus the median of three repeats (noisier: one sample);
 * calibration time with the cache disabled (64 prompts × 25 steps, as the paper);
 * peak memory (RSS, and CUDA peak on a GPU) of a process serving FP only vs one serving FP, the
   baseline and DGQ, each measured in a fresh subprocess;
@@ -24,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -136,6 +138,10 @@ def bench_pipeline(pipe, prompts: list[str], calib_steps: int = 25, steps: int =
     _sync(device)
     calib_s = time.perf_counter() - t0
     studio = dgq.Studio(pipe, calib, weight_search=weight_search)
+    # as the app does once a model is loaded (app/engine.py): long-lived objects out of the cyclic
+    # GC's reach, so a full collection (~0.5 s over ~600k objects) does not land in a timing
+    gc.collect()
+    gc.freeze()
     variants = _variants(w_bits, a_bits)
     first = {}
     for name, cfg in variants.items():  # warm-up: fills the weight cache and the parameter cache
@@ -151,9 +157,12 @@ def bench_pipeline(pipe, prompts: list[str], calib_steps: int = 25, steps: int =
     med_step = {k: statistics.median(v) for k, v in step.items()}
 
     def switch(cfg) -> dict[str, float]:
+        prep = studio.prepare(cfg)
         cold = studio.generate(PROMPT, seed=0, config=cfg, steps=steps).seconds
-        warm = min(studio.generate(PROMPT, seed=0, config=cfg, steps=steps).seconds for _ in range(max(1, repeats)))
-        return {"first_s": cold, "repeat_s": warm, "switch_s": cold - warm}
+        warm = statistics.median(studio.generate(PROMPT, seed=0, config=cfg, steps=steps).seconds
+                                 for _ in range(max(3, repeats)))
+        return {"prepare_s": prep, "first_s": cold, "repeat_s": warm, "first_minus_repeat_s": cold - warm,
+                "switch_s": prep + max(0.0, cold - warm)}
 
     a2 = 6 if a_bits != 6 else 8
     w2 = 4 if w_bits != 4 else 8
@@ -308,7 +317,11 @@ def rows_of(report: dict[str, Any]) -> list[dict[str, str]]:
         add("embedded baseline/FP per step", dev, f"{r['baseline_over_fp_step']:.2f}×")
         for k, sw in d["switch"].items():
             t = TARGETS["bit_switch_s"]
-            add(f"bit switch {k} (first − repeat)", dev, f"{sw['switch_s']:.3f} s", f"≤ {t} s", _ok(sw["switch_s"], t))
+            if "prepare_s" in sw:
+                add(f"bit switch {k}: prepare (parameters, weights)", dev, f"{sw['prepare_s']:.3f} s")
+                add(f"bit switch {k}: first generation − repeat", dev, f"{sw['first_minus_repeat_s']:+.3f} s")
+            add(f"bit switch {k} (prepare + any first-run excess)", dev, f"{sw['switch_s']:.3f} s", f"≤ {t} s",
+                _ok(sw["switch_s"], t))
         c = d["calibration"]
         t = TARGETS["calibration_s"]
         full = c["prompts"] >= 64 and c["steps"] >= 25

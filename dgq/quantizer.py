@@ -122,6 +122,18 @@ class QuantParams:
                     self._act[key] = self._build_act(site, t_key)
         return self._act[key]
 
+    def build_all(self) -> "QuantParams":
+        """Build every site's parameters for every timestep now rather than on first use (what
+        a bit-width change costs; `Studio.prepare` calls it)."""
+        keys = self._site_keys()
+        for site, info in self.calib.sites.items():
+            if info.kind == "p":
+                for t in keys:
+                    self.prob(site, t)
+            else:
+                self.act(site, keys[0])
+        return self
+
     def _site_keys(self) -> list[int]:
         return [ALL] if self.single_set else [t for t in self.calib.t_keys if t != ALL]
 
@@ -279,9 +291,7 @@ def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor
     key = (kind, x.shape, x.stride(), x.dtype, x.device)
     plan = q._by_input.get(key)
     if plan is None:
-        shp = _shape(kind, q.mode, tuple(x.shape[2:]))
-        params = q.prepared(x.device, shp)
-        plan = q._by_input[key] = (params, _kernel_plan(x, params, shp))
+        plan = q._by_input[key] = _plan(x, q, kind, key)
     params, fused = plan
     if fused is not None and not x.requires_grad:
         swapped, layout, ptrs = fused
@@ -299,21 +309,39 @@ def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor
 
 
 _KERNELS = None  # the loaded fused kernels, once a plan has asked for them
+_LAYOUTS: dict[tuple, tuple | None] = {}  # (input key, mode) → (swapped, (outer, indices, inner)) or None
 
 
-def _kernel_plan(x: torch.Tensor, params: tuple[torch.Tensor, ...], shp: tuple[int, ...]):
-    """How the fused CPU kernel takes inputs of x's shape and layout: (swapped, (outer,
-    indices, inner), parameter pointers), or None (eager ops: GPU, other dtypes, layouts the
-    kernel does not cover, no compiler).
+def _plan(x: torch.Tensor, q: ActQuant, kind: str, key: tuple) -> tuple:
+    """(parameters shaped for x, kernel plan or None) for inputs like x. Cheap: it runs once per
+    (site, timestep) after a bit-width change, so the layout part is shared by every site."""
+    global _KERNELS
+    from dgq import kernels  # noqa: PLC0415
+
+    shp = _shape(kind, q.mode, tuple(x.shape[2:]))
+    params = q.prepared(x.device, shp)
+    lkey = (key, q.mode, torch.get_num_threads() == 1)
+    lay = _LAYOUTS.get(lkey, False)
+    if lay is False:
+        lay = _LAYOUTS[lkey] = _kernel_layout(x, shp) if kernels.usable(x) else None
+    if lay is None or (lib := kernels.library()) is None:
+        return params, None
+    s, inv, lo, hi = params
+    n = lay[1][1]
+    for p in params:
+        if p.numel() != n or not p.is_contiguous() or p.dtype != torch.float32:
+            return params, None
+    _KERNELS = lib
+    return params, (lay[0], lay[1], (s.data_ptr(), inv.data_ptr(), lo.data_ptr(), hi.data_ptr()))
+
+
+def _kernel_layout(x: torch.Tensor, shp: tuple[int, ...]) -> tuple | None:
+    """How the fused CPU kernel views inputs of x's shape and strides: (swapped, (outer,
+    indices, inner)), or None (a layout it does not cover: eager ops).
 
     Attention's q/k/v arrive as [B, heads, T, d] views of contiguous [B, T, heads, d] tensors:
     they are quantized in that memory order (the same elementwise result) and returned as the
     same kind of view, so no copy is made."""
-    global _KERNELS
-    from dgq import kernels  # noqa: PLC0415
-
-    if not kernels.usable(x):
-        return None
     swapped = False
     if not x.is_contiguous():
         if x.dim() != 4 or not x.transpose(1, 2).is_contiguous():
@@ -322,20 +350,12 @@ def _kernel_plan(x: torch.Tensor, params: tuple[torch.Tensor, ...], shp: tuple[i
         if shp:
             shp = (shp[0], shp[2], shp[1], shp[3])
     if not shp:
-        layout = (1, 1, x.numel())
-    else:
-        if len(shp) != x.dim():
-            return None
-        idx = [i for i, v in enumerate(shp) if v != 1]
-        first, last = idx[0], idx[-1]
-        layout = (math.prod(x.shape[:first]), math.prod(x.shape[first:last + 1]), math.prod(x.shape[last + 1:]))
-    if any(p.numel() != layout[1] or not p.is_contiguous() or p.dtype != torch.float32 for p in params):
+        return swapped, (1, 1, x.numel())
+    if len(shp) != x.dim():
         return None
-    lib = kernels.library()
-    if lib is None:
-        return None
-    _KERNELS = lib
-    return swapped, layout, tuple(p.data_ptr() for p in params)
+    idx = [i for i, v in enumerate(shp) if v != 1]
+    first, last = idx[0], idx[-1]
+    return swapped, (math.prod(x.shape[:first]), math.prod(x.shape[first:last + 1]), math.prod(x.shape[last + 1:]))
 
 
 def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:

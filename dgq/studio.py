@@ -25,7 +25,7 @@ from dgq.calibration import Calibration, CalibrationMismatch, StatsCollector, pr
 from dgq.config import FP, FPConfig, QuantConfig
 from dgq.context import Perturbation, RunContext, use
 from dgq.loading import ASSETS, is_embedded
-from dgq.modules import quantize_
+from dgq.modules import quantize_, quantized_layers
 from dgq.quantizer import QuantParams
 from dgq.recorder import Recorder, pending_recorder
 
@@ -259,6 +259,18 @@ class Studio:
             else:
                 self._params.move_to_end(config)
         return p
+
+    def prepare(self, config: QuantConfig) -> float:
+        """Build what `config` needs before its first generation (all quantizer parameters, the
+        weights at its bit-width) and return the seconds it took: the cost of a bit switch."""
+        t0 = time.perf_counter()
+        params = self.params(config)
+        if params is not None:
+            params.build_all()
+            if config.w_bits < 16:
+                for layer in quantized_layers(self.pipe.unet).values():
+                    layer.quantized_weight(config.w_bits)
+        return time.perf_counter() - t0
 
     def tokens(self, prompt: str) -> tuple[list[str], bool]:
         """Token strings of `prompt` as the text encoder sees them and whether it was truncated."""

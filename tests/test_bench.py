@@ -52,7 +52,9 @@ def test_pipeline_figures(figures):
                                 "baseline_over_fp_e2e"}
     assert set(d["switch"]) == {"A8->A6", "W8->W4"}
     for sw in d["switch"].values():
-        assert sw["switch_s"] == pytest.approx(sw["first_s"] - sw["repeat_s"])
+        assert sw["prepare_s"] > 0
+        assert sw["first_minus_repeat_s"] == pytest.approx(sw["first_s"] - sw["repeat_s"])
+        assert sw["switch_s"] == pytest.approx(sw["prepare_s"] + max(0.0, sw["first_minus_repeat_s"]))
     assert d["calibration"] == {"seconds": d["calibration"]["seconds"], "prompts": 2, "steps": 2}
     assert len(calib.sites) > 0
 

@@ -194,3 +194,24 @@ def test_searched_weight_range_survives_cache_eviction(random_pipe):
     assert (3, "mse") in layer._dgq_wranges
     layer._dgq_wcache.clear()  # evicted: the range is reused, not searched again
     assert torch.equal(layer.quantized_weight(3), first)
+
+
+def test_prepare_builds_everything_a_first_generation_would(random_studio):
+    """After `prepare`, a generation builds no parameters (the switch cost was paid up front)."""
+    import dgq
+    from dgq.quantizer import QuantParams
+
+    cfg = dgq.DGQConfig(8, 5, groups=8)
+    seconds = random_studio.prepare(cfg)
+    assert seconds > 0
+    params = random_studio.params(cfg)
+    built = (len(params._act), len(params._prob))
+    calls = []
+    real = QuantParams._build_site
+    QuantParams._build_site = lambda self, site: calls.append(site) or real(self, site)
+    try:
+        random_studio.generate("a red circle", seed=0, config=cfg, steps=3)
+    finally:
+        QuantParams._build_site = real
+    assert not calls and (len(params._act), len(params._prob)) == built
+    assert random_studio.prepare(dgq.FP) >= 0
