@@ -6,8 +6,9 @@ background load hits all of them alike):
 * per-step latency (one UNet call, CFG batch) and end-to-end latency (prompt → image) of FP, the
   TFMQ baseline and DGQ at the same W/A: the fake-quantization overhead, DGQ/FP and baseline/FP;
 * bit-width switch: the work a change of A (weights cached) or W (weights to quantize) costs
-  (`Studio.prepare`: every site's parameters at every timestep, the weights at the new width),
-  and the first generation after it minus the median of three repeats (noisier: one sample);
+  (`Studio.prepare`: every site's parameters at every timestep, the weights at the new width,
+  plus the kernel plans the first generation builds), and the first generation after it minus
+  the median of three repeats (one sample: noisier than the work it measures);
 * calibration time with the cache disabled (64 prompts × 25 steps, as the paper);
 * peak memory (RSS, and CUDA peak on a GPU) of a process serving FP only vs one serving FP, the
   baseline and DGQ, each measured in a fresh subprocess;
@@ -157,12 +158,31 @@ def bench_pipeline(pipe, prompts: list[str], calib_steps: int = 25, steps: int =
     med_step = {k: statistics.median(v) for k, v in step.items()}
 
     def switch(cfg) -> dict[str, float]:
+        """The switch's work, measured directly: `prepare` (parameters of every site and timestep,
+        weights at the new width) plus the per-input kernel plans the first generation builds.
+        First-minus-repeat of whole generations is reported too, but one sample of a 1-2 s run
+        moves by ±0.5 s on a shared CPU, more than the work itself."""
+        from dgq import quantizer as Q  # noqa: PLC0415
+
         prep = studio.prepare(cfg)
-        cold = studio.generate(PROMPT, seed=0, config=cfg, steps=steps).seconds
+        plan_s = [0.0]
+        real_plan = Q._plan
+
+        def timed_plan(*a, **k):
+            t = time.perf_counter()
+            out = real_plan(*a, **k)
+            plan_s[0] += time.perf_counter() - t
+            return out
+
+        Q._plan = timed_plan
+        try:
+            cold = studio.generate(PROMPT, seed=0, config=cfg, steps=steps).seconds
+        finally:
+            Q._plan = real_plan
         warm = statistics.median(studio.generate(PROMPT, seed=0, config=cfg, steps=steps).seconds
                                  for _ in range(max(3, repeats)))
-        return {"prepare_s": prep, "first_s": cold, "repeat_s": warm, "first_minus_repeat_s": cold - warm,
-                "switch_s": prep + max(0.0, cold - warm)}
+        return {"prepare_s": prep, "plans_s": plan_s[0], "first_s": cold, "repeat_s": warm,
+                "first_minus_repeat_s": cold - warm, "switch_s": prep + plan_s[0]}
 
     a2 = 6 if a_bits != 6 else 8
     w2 = 4 if w_bits != 4 else 8
@@ -318,10 +338,12 @@ def rows_of(report: dict[str, Any]) -> list[dict[str, str]]:
         for k, sw in d["switch"].items():
             t = TARGETS["bit_switch_s"]
             if "prepare_s" in sw:
-                add(f"bit switch {k}: prepare (parameters, weights)", dev, f"{sw['prepare_s']:.3f} s")
-                add(f"bit switch {k}: first generation − repeat", dev, f"{sw['first_minus_repeat_s']:+.3f} s")
-            add(f"bit switch {k} (prepare + any first-run excess)", dev, f"{sw['switch_s']:.3f} s", f"≤ {t} s",
-                _ok(sw["switch_s"], t))
+                add(f"bit switch {k}: first generation − median repeat (one sample, noisy)", dev,
+                    f"{sw['first_minus_repeat_s']:+.3f} s")
+                label = f"bit switch {k}: work (prepare {sw['prepare_s']:.3f} s + kernel plans {sw['plans_s']:.3f} s)"
+            else:
+                label = f"bit switch {k} (first − repeat)"
+            add(label, dev, f"{sw['switch_s']:.3f} s", f"≤ {t} s", _ok(sw["switch_s"], t))
         c = d["calibration"]
         t = TARGETS["calibration_s"]
         full = c["prompts"] >= 64 and c["steps"] >= 25
