@@ -153,6 +153,24 @@ def spread_metric(amin: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     return (amax.amax(-1) - amax.amin(-1)) + (amin.amax(-1) - amin.amin(-1))
 
 
+def kmeanspp_init(px: torch.Tensor, py: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ centres (x [G, K], y [G, K]) of G batched 2-D problems (coordinates [G, P])."""
+    g, p = px.shape
+    rows = torch.arange(g)
+    gen = torch.Generator().manual_seed(seed)
+    cx = torch.empty(g, k, dtype=px.dtype)
+    cy = torch.empty(g, k, dtype=px.dtype)
+    first = torch.randint(0, p, (g,), generator=gen)
+    cx[:, 0], cy[:, 0] = px[rows, first], py[rows, first]
+    d2 = (px - cx[:, :1]) ** 2 + (py - cy[:, :1]) ** 2
+    for j in range(1, k):
+        w = d2 + 1e-30
+        idx = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+        cx[:, j], cy[:, j] = px[rows, idx], py[rows, idx]
+        d2 = torch.minimum(d2, (px - cx[:, j : j + 1]) ** 2 + (py - cy[:, j : j + 1]) ** 2)
+    return cx, cy
+
+
 def kmeans(points: torch.Tensor, k: int, iters: int = 40, seed: int = 0) -> torch.Tensor:
     """Batched K-means on 2-D points [G, P, 2] → labels [G, P] (int64).
 
@@ -165,18 +183,7 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 40, seed: int = 0) -> torc
     if k >= p:
         return torch.arange(p).clamp_max(k - 1).expand(g, p).clone()
     px, py = pts[..., 0], pts[..., 1]
-    rows = torch.arange(g)
-    gen = torch.Generator().manual_seed(seed)
-    cx = torch.empty(g, k, dtype=pts.dtype)
-    cy = torch.empty(g, k, dtype=pts.dtype)
-    first = torch.randint(0, p, (g,), generator=gen)
-    cx[:, 0], cy[:, 0] = px[rows, first], py[rows, first]
-    d2 = (px - cx[:, :1]) ** 2 + (py - cy[:, :1]) ** 2
-    for j in range(1, k):
-        w = d2 + 1e-30
-        idx = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
-        cx[:, j], cy[:, j] = px[rows, idx], py[rows, idx]
-        d2 = torch.minimum(d2, (px - cx[:, j : j + 1]) ** 2 + (py - cy[:, j : j + 1]) ** 2)
+    cx, cy = kmeanspp_init(px, py, k, seed)
     labels = torch.full((g, p), -1, dtype=torch.long)
     # Lloyd iterations on the problems whose labels still change: a converged problem is a fixed
     # point (same labels → same centroids → same labels), so dropping it gives the result of

@@ -165,17 +165,7 @@ def _kmeans_all_together(points, k, iters=40, seed=0):
     g, p, _ = points.shape
     pts = points.double()
     px, py = pts[..., 0], pts[..., 1]
-    rows = torch.arange(g)
-    gen = torch.Generator().manual_seed(seed)
-    cx, cy = torch.empty(g, k, dtype=pts.dtype), torch.empty(g, k, dtype=pts.dtype)
-    first = torch.randint(0, p, (g,), generator=gen)
-    cx[:, 0], cy[:, 0] = px[rows, first], py[rows, first]
-    d2 = (px - cx[:, :1]) ** 2 + (py - cy[:, :1]) ** 2
-    for j in range(1, k):
-        w = d2 + 1e-30
-        idx = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
-        cx[:, j], cy[:, j] = px[rows, idx], py[rows, idx]
-        d2 = torch.minimum(d2, (px - cx[:, j : j + 1]) ** 2 + (py - cy[:, j : j + 1]) ** 2)
+    cx, cy = P.kmeanspp_init(px, py, k, seed)
     labels = torch.full((g, p), -1, dtype=torch.long)
     for _ in range(iters):
         new = ((px[:, :, None] - cx[:, None, :]) ** 2 + (py[:, :, None] - cy[:, None, :]) ** 2).argmin(-1)
