@@ -296,7 +296,7 @@ def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor
     if fused is not None and not x.requires_grad:
         swapped, layout, ptrs = fused
         xc = x.transpose(1, 2) if swapped else x
-        y = torch.empty(xc.shape)
+        y = torch.empty(xc.shape, dtype=torch.float32)
         _KERNELS.dgq_fake_quant(xc.data_ptr(), y.data_ptr(), *layout, *ptrs)
         return y.transpose(1, 2) if swapped else y
     s, inv, lo, hi = params
