@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -27,6 +28,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from dgq.primitives import EPS
 
 log = logging.getLogger(__name__)
 
@@ -198,20 +201,6 @@ def usable(t: torch.Tensor) -> bool:
             and (t.numel() <= SINGLE_THREAD_MAX or torch.get_num_threads() == 1))
 
 
-def fake_quant(x: torch.Tensor, outer: int, channels: int, inner: int, params: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-    """One-pass quantize-dequantize of a contiguous fp32 CPU `x` viewed as [outer, channels,
-    inner] with per-channel (s, 1/s, lo, hi) (contiguous fp32, `channels` entries each);
-    None when the kernels cannot take it (the caller runs the eager ops)."""
-    lib = library()
-    if lib is None or not usable(x) or not x.is_contiguous():
-        return None
-    s, inv, lo, hi = params
-    y = torch.empty_like(x)
-    lib.dgq_fake_quant(x.data_ptr(), y.data_ptr(), outer, channels, inner,
-                       s.data_ptr(), inv.data_ptr(), lo.data_ptr(), hi.data_ptr())
-    return y
-
-
 def log_quant_dynamic_(p: torch.Tensor, bits: int, per_sample: bool, skip_first: bool) -> torch.Tensor | None:
     """In-place log2 quantize-dequantize of a contiguous fp32 CPU probability map [B, …, cols]
     with the dynamic scale (max of the quantized part, per sample or over the batch) found in
@@ -219,10 +208,6 @@ def log_quant_dynamic_(p: torch.Tensor, bits: int, per_sample: bool, skip_first:
     lib = library()
     if lib is None or not usable(p) or not p.is_contiguous() or p.dim() < 2:
         return None
-    import math  # noqa: PLC0415
-
-    from dgq.primitives import EPS  # noqa: PLC0415
-
     b, cols = p.shape[0], p.shape[-1]
     work = torch.empty(2, b)
     lib.dgq_log_quant_dynamic(p.data_ptr(), b, p[0].numel() // cols, cols, int(per_sample), EPS, math.sqrt(2.0),
@@ -236,13 +221,9 @@ def log_quant_(p: torch.Tensor, scale: torch.Tensor, bits: int, clamp: bool, ski
     lib = library()
     if lib is None or not usable(p) or not p.is_contiguous() or p.dim() < 2:
         return None
-    from dgq.primitives import EPS  # noqa: PLC0415
-
     scale = scale.detach().float().reshape(-1).clamp_min(EPS).contiguous()
     if scale.numel() not in (1, p.shape[0]) or scale.device.type != "cpu":
         return None
-    import math  # noqa: PLC0415
-
     mul = (math.sqrt(2.0) / scale).contiguous()  # the same fp32 division as the eager quantizer
     smallest = 2.0 ** -(2**bits - 2)
     cols = p.shape[-1]

@@ -37,7 +37,7 @@ class ActQuant:
     labels: torch.Tensor | None = None  # group id per index (for display)
     derived: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
-    _by_input: dict = field(default_factory=dict, repr=False, compare=False)  # (kind, spatial, device) → prepared
+    _by_input: dict = field(default_factory=dict, repr=False, compare=False)  # input key → (params, kernel plan)
 
     def prepared(self, device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """(scale, 1/scale, lowest code − z, highest code − z), shaped to broadcast against an
