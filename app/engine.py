@@ -155,6 +155,14 @@ class Engine:
     def normalize(model_id: str | None) -> str:
         return (model_id or "").strip()
 
+    def default_guidance(self, model_id: str) -> float:
+        """The model's own guidance scale (its folder's dgq_defaults.json), else SD's 7.5; loads nothing."""
+        m = self.normalize(model_id) or self.default_model
+        try:
+            return float(dgq.model_defaults(m).get("guidance", C.DEFAULT_GUIDANCE))
+        except dgq.ModelLoadError:
+            return C.DEFAULT_GUIDANCE
+
     def status(self, model_id: str) -> str:
         """One line on a model's state (cheap; loads nothing)."""
         m = self.normalize(model_id) or self.default_model

@@ -62,6 +62,7 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
     folder = _local_folder(engine.default_model)
     if cache_examples is None:
         cache_examples = folder is not None and engine.default_model == C.EMBEDDED
+    g0 = engine.default_guidance(engine.default_model)
 
     with gr.Blocks(title=C.TITLE) as demo:
         state = gr.State(None)
@@ -77,8 +78,8 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                 with gr.Row():
                     steps = gr.Slider(1, C.MAX_STEPS, value=C.DEFAULT_STEPS, step=1, precision=0, label="Steps",
                                       elem_id="steps")
-                    guidance = gr.Slider(0.0, C.MAX_GUIDANCE, value=C.DEFAULT_GUIDANCE, step=0.5, label="Guidance",
-                                         elem_id="guidance")
+                    guidance = gr.Slider(0.0, C.MAX_GUIDANCE, value=g0, step=0.5, label="Guidance",
+                                         elem_id="guidance", info="the model's own scale by default (SD: 7.5)")
                 model = gr.Dropdown(C.MODEL_CHOICES, value=engine.default_model, allow_custom_value=True,
                                     label="Model", elem_id="model",
                                     info="'tiny' = the embedded 64×64 shapes model; or any SD-1.x Hub id / local folder")
@@ -124,7 +125,7 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                 ex_inputs = [prompt, model, seed, steps, guidance, w_bits, a_bits, groups, baseline, use_groups, axis,
                              log_quant, start_token, dynamic_scale, time_aware]
                 toggles = [True, "auto", True, True, True, True]
-                domain = [[p, engine.default_model, 0, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, C.DEFAULT_W, C.DEFAULT_A,
+                domain = [[p, engine.default_model, 0, C.DEFAULT_STEPS, g0, C.DEFAULT_W, C.DEFAULT_A,
                            C.DEFAULT_K, "tfmq", *toggles] for p in C.DOMAIN_EXAMPLES]
                 domain_label = "Shapes-domain prompts (embedded model)"
                 cached_examples = None
@@ -215,6 +216,7 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                        api_visibility="private", **gpu_opts)
         seed_btn.click(fn["random_seed"], None, seed, queue=False, api_visibility="private")
         model.change(fn["model_status"], model, model_md, queue=False, api_visibility="private")
+        model.change(engine.default_guidance, model, guidance, queue=False, api_visibility="private")
         status_timer = gr.Timer(1.5, active=False)
         demo.load(fn["status_tick"], model, [model_md, status_timer], queue=False, api_visibility="private")
         status_timer.tick(fn["status_tick"], model, [model_md, status_timer], queue=False, api_visibility="private")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the embedded-model tables of docs/results.md (resumable: rerun after an interruption;
 # settings are ordered so the most informative rows finish first).
-# 200 held-out prompts (assets/prompts/shapes_eval_240.txt), image i uses seed 42 + i, guidance 7.5.
+# 200 held-out prompts (assets/prompts/shapes_eval_240.txt), image i uses seed 42 + i, the
+# model's guidance scale (assets/tiny-sd/dgq_defaults.json).
 #
 #   STEPS=10 bash benchmarks/paper_tables.sh            # one process
 #   STEPS=10 SHARDS=2 bash benchmarks/paper_tables.sh   # two single-thread CPU processes (2 cores)

@@ -29,6 +29,8 @@ _EXPORTS = {
     "config_from_dict": "dgq.config",
     "load_pipeline": "dgq.loading",
     "ModelLoadError": "dgq.loading",
+    "model_defaults": "dgq.loading",
+    "default_guidance": "dgq.loading",
     "calibrate": "dgq.studio",
     "Studio": "dgq.studio",
     "Generation": "dgq.studio",

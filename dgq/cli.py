@@ -116,7 +116,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         g = studio.generate(p, seed=a.seed + i, config=config, steps=a.steps, guidance=a.guidance)
         _save_png(g.image, d / f"{i:04d}.png")
     settings = {"model": a.model, "config": config.to_dict(), "seed": a.seed, "seed_rule": "seed + prompt index",
-                "steps": a.steps, "guidance": a.guidance, "prompts": prompts}
+                "steps": a.steps, "guidance": g.guidance, "prompts": prompts}
     tmp = d / "settings.json.tmp"
     tmp.write_text(json.dumps(settings, indent=1))
     os.replace(tmp, d / "settings.json")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--prompts-file", default=None, help="one prompt per line (default: 64 built-in prompts)")
     c.add_argument("--steps", type=int, default=25)
-    c.add_argument("--guidance", type=float, default=7.5)
+    c.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's; 7.5 for SD)")
     c.add_argument("--batch-size", type=int, default=8)
     c.set_defaults(func=cmd_calibrate)
 
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out-dir", default=None)
     g.add_argument("--seed", type=int, default=0, help="seed (batch mode: seed + prompt index)")
     g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's; 7.5 for SD)")
     g.add_argument("--calib-steps", type=int, default=25, help="steps of the calibration to use (default 25)")
     g.set_defaults(func=cmd_generate)
 

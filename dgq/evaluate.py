@@ -44,7 +44,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -70,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "parti": dict(steps=25, guidance=7.5, images_per_prompt=3, batch_size=3, metric_size=0, clip_limit=3000,
                   resolution=512, metrics="clip,psnr,ssim"),
 }
-BUILTIN = dict(steps=25, guidance=7.5, images_per_prompt=1, batch_size=4, metric_size=0, clip_limit=0,
+BUILTIN = dict(steps=25, guidance=None, images_per_prompt=1, batch_size=4, metric_size=0, clip_limit=0,
                metrics="auto")
 
 #: Named groups usable inside --settings.
@@ -352,7 +352,7 @@ class Options:
     preset: str | None = None
     settings: str = DEFAULT_SETTINGS
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model's default (`dgq.default_guidance`)
     seed: int = DEFAULT_SEED
     batch_size: int = 4
     images_per_prompt: int = 1
@@ -983,6 +983,10 @@ def _run(opts: Options, started: float) -> dict[str, Any] | None:
         if (device in (None, "cuda")) and torch.cuda.is_available():
             device = f"cuda:{local % torch.cuda.device_count()}"
     pipe = load_pipeline(opts.model, device=device, dtype=opts.dtype)
+    if opts.guidance is None:
+        from dgq.loading import default_guidance  # noqa: PLC0415
+
+        opts = replace(opts, guidance=default_guidance(pipe))
     if opts.preset:
         want = PRESETS[opts.preset]["resolution"]
         if resolution_of(pipe) != want or pipe.scheduler.__class__.__name__ != "PNDMScheduler":
@@ -1108,7 +1112,8 @@ def add_parser(sub) -> None:
                    help=f"comma-separated settings (default {DEFAULT_SETTINGS})")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 25)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's 7.5, else the model's: "
+                   "dgq_defaults.json in its folder, 7.5 for SD)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"image i uses seed+i (default {DEFAULT_SEED})")
     p.add_argument("--batch-size", type=int, default=None, help="images per generation call (default 4; "
                    "coco 5, parti 3); keep it fixed for a run: it is part of the fingerprint")

@@ -24,6 +24,10 @@ ALIASES = {
 }
 
 
+SD_GUIDANCE = 7.5  # Stable Diffusion's customary classifier-free guidance scale
+DEFAULTS_FILE = "dgq_defaults.json"
+
+
 class ModelLoadError(RuntimeError):
     """A model that cannot be loaded, with the reason and what to do about it."""
 
@@ -34,6 +38,34 @@ def resolve_model(model: str) -> str:
 
 def is_embedded(model: str) -> bool:
     return Path(resolve_model(model)).resolve() == TINY_DIR.resolve()
+
+
+def model_defaults(model: str) -> dict[str, float]:
+    """Generation defaults a model folder declares in `dgq_defaults.json` (empty for Hub ids).
+
+    Why: the best classifier-free guidance scale is a property of the model. SD v1.x is used at
+    7.5; the embedded model follows its prompts best at a lower scale (its README says how this
+    was measured), and calibration must use the scale generation will use, because attention and
+    activation ranges depend on it. Only `guidance` is read today.
+    """
+    import json  # noqa: PLC0415
+
+    path = Path(resolve_model(model)).expanduser() / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        g = float(raw["guidance"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path} is not valid: expected JSON with a numeric 'guidance' ({e})") from e
+    if not 0.0 <= g <= 30.0:
+        raise ModelLoadError(f"{path}: guidance {g} is out of range 0..30")
+    return {"guidance": g}
+
+
+def default_guidance(pipe) -> float:
+    """The guidance scale to use when the caller gives none: the model's declared one, else 7.5."""
+    return float(getattr(pipe, "dgq_defaults", {}).get("guidance", SD_GUIDANCE))
 
 
 def default_device() -> str:
@@ -50,7 +82,8 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
         dtype (*optional*): torch.float32 (default on CPU) or torch.float16 (default on CUDA).
 
     Returns:
-        a `StableDiffusionPipeline` with `pipe.dgq_model_id` set to the resolved id.
+        a `StableDiffusionPipeline` with `pipe.dgq_model_id` set to the resolved id and
+        `pipe.dgq_defaults` to the folder's generation defaults (see `model_defaults`).
 
     Raises:
         ModelLoadError: the model is missing or unreachable; the message says how to supply it.
@@ -66,6 +99,7 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     source = resolve_model(model)
     local = Path(source).expanduser()
+    defaults = model_defaults(model)
     looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_local and not local.exists():
         raise ModelLoadError(f"model folder {local} does not exist: pass a diffusers folder (with model_index.json) or a Hub id")
@@ -99,4 +133,5 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.dgq_model_id = model if model in ALIASES else source
+    pipe.dgq_defaults = defaults
     return pipe

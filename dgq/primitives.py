@@ -62,7 +62,7 @@ def mse_search(x: torch.Tensor, bits: int, p: float = 2.4, n: int = 80, dim: int
         raise ValueError("mse_search: dim must be None or 1 with a 2-D input")
     lo0 = rows.amin(dim=1).clamp(max=0.0)
     hi0 = rows.amax(dim=1).clamp(min=0.0)
-    f = (1.0 - 0.01 * torch.arange(n, dtype=torch.float64)).float()  # as the scalar loop rounds it
+    f = (1.0 - 0.01 * torch.arange(n, dtype=torch.float64, device=x.device)).float()  # as the scalar loop rounds it
     chunk = max(1, min(n, _SEARCH_CHUNK_ELEMS // max(1, rows.numel())))
     errs = []
     for i in range(0, n, chunk):

@@ -24,7 +24,7 @@ import torch
 from dgq.calibration import Calibration, CalibrationMismatch, StatsCollector, prompts_hash
 from dgq.config import FP, FPConfig, QuantConfig
 from dgq.context import Perturbation, RunContext, use
-from dgq.loading import ASSETS, is_embedded
+from dgq.loading import ASSETS, SD_GUIDANCE, default_guidance, is_embedded
 from dgq.modules import quantize_, quantized_layers
 from dgq.quantizer import QuantParams
 from dgq.recorder import Recorder, pending_recorder
@@ -32,7 +32,7 @@ from dgq.recorder import Recorder, pending_recorder
 log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 7.5
+DEFAULT_GUIDANCE = SD_GUIDANCE  # when neither the caller nor the model folder gives one
 MAX_TOKENS = 77
 SHIPPED_CALIBRATION = ASSETS / "tiny-sd-calibration" / "calibration"
 SD_PROMPTS_FILE = ASSETS / "prompts" / "calibration_sd.txt"
@@ -109,7 +109,7 @@ def calibrate(
     pipe,
     prompts: Sequence[str] | None = None,
     steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
+    guidance: float | None = None,
     batch_size: int = 8,
     seed: int = 0,
     cache: bool | str | Path = True,
@@ -123,7 +123,8 @@ def calibrate(
     Args:
         pipe: a pipeline from `load_pipeline`.
         prompts: calibration prompts (default: 64, as the paper).
-        steps / guidance: sampler steps and CFG scale of the calibration runs (25 / 7.5).
+        steps / guidance: sampler steps and CFG scale of the calibration runs (25 / the model's
+            default, `dgq.default_guidance(pipe)`: 7.5 for SD, lower for the embedded model).
         batch_size: prompts per pipeline call (8, as the authors).
         cache: True = the default cache folder ($DGQ_CACHE or ~/.cache/dgq), a folder, or False.
         progress: show a progress bar (True) or call `progress(done, total)`.
@@ -132,6 +133,7 @@ def calibrate(
         >>> calib = dgq.calibrate(pipe)           # seconds on the embedded model, then cached
     """
     model = getattr(pipe, "dgq_model_id", "unknown")
+    guidance = default_guidance(pipe) if guidance is None else guidance
     prompts = list(prompts) if prompts is not None else default_calibration_prompts(model)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
@@ -303,7 +305,7 @@ class Studio:
         seed: int | Sequence[int] = 0,
         config: QuantConfig = FP,
         steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float | None = None,
         negative_prompt: str | None = None,
         perturbation: Perturbation | None = None,
         recorder: Recorder | None = None,
@@ -316,11 +318,13 @@ class Studio:
             seed: one seed for the whole batch, or one seed per prompt (then every image equals
                 what a batch of one with that seed gives, up to float rounding).
             config: `dgq.FP`, a `BaselineConfig` or a `DGQConfig`.
-            steps / guidance: sampler steps and classifier-free guidance scale.
+            steps / guidance: sampler steps and classifier-free guidance scale (default: the
+                model's, `dgq.default_guidance(pipe)`).
             perturbation: the outlier-drop experiment (`dgq.Perturbation(k, "outlier"|"random")`).
             recorder: a `Recorder` (or use `with dgq.record() as rec:`).
             progress: `progress(step, total)` after each denoising step.
         """
+        guidance = default_guidance(self.pipe) if guidance is None else guidance
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed] if isinstance(seed, int) else list(seed)
         if len(seeds) != 1 and len(seeds) != len(prompts):

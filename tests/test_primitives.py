@@ -197,3 +197,9 @@ def test_log_quantizer_may_skip_the_clamp_below_its_scale():
     s = p.amax(dim=(1, 2, 3), keepdim=True)
     for bits in (4, 6, 8):
         assert torch.equal(P.log_fake_quant(p, s, bits, at_most_scale=True), P.log_fake_quant(p, s, bits))
+
+
+def test_mse_search_builds_its_candidates_on_the_weights_device():
+    # a CPU-only candidate table failed on CUDA weights; the meta device shows the same mismatch
+    lo, hi = P.mse_search(torch.randn(4, 8).to("meta"), 4, dim=1)
+    assert lo.device.type == "meta" and hi.device.type == "meta" and lo.shape == (4,)

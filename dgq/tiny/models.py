@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from diffusers import (
     AutoencoderTiny,
     DDIMScheduler,
@@ -36,7 +38,30 @@ SCHEDULE = dict(
 )
 
 
-def make_unet() -> UNet2DConditionModel:
+@dataclass(frozen=True)
+class Arch:
+    """Widths of one embedded-model size. The block types are SD v1.4's whatever the size."""
+
+    block_out_channels: tuple[int, int, int] = (32, 64, 64)
+    heads: int = 2
+    text_layers: int = 2
+
+
+ARCHS: dict[str, Arch] = {
+    "s": Arch(),  # the first shipped model: 1.5 M UNet parameters
+    "m": Arch(block_out_channels=(48, 96, 96)),  # 3.3 M
+    "mt": Arch(block_out_channels=(48, 96, 96), text_layers=4),  # 3.3 M, a deeper text encoder
+}
+
+
+def _arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise ValueError(f"unknown embedded-model size {name!r}; allowed: {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def make_unet(arch: str = "s") -> UNet2DConditionModel:
+    a = _arch(arch)
     return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -44,20 +69,20 @@ def make_unet() -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
+        block_out_channels=a.block_out_channels,
         layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=64,
-        attention_head_dim=2,  # diffusers' legacy name: the number of heads, as in SD v1.x's config
+        attention_head_dim=a.heads,  # diffusers' legacy name: the number of heads, as in SD v1.x's config
     )
 
 
-def make_text_encoder() -> CLIPTextModel:
+def make_text_encoder(arch: str = "s") -> CLIPTextModel:
     cfg = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=64,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=_arch(arch).text_layers,
         num_attention_heads=2,
         max_position_embeddings=77,
         hidden_act="quick_gelu",

@@ -1,0 +1,369 @@
+"""Train the embedded model's UNet and text encoder on one GPU, several sizes at once.
+
+Why a second trainer: on 2 CPU cores `dgq.tiny.train` reached about 400k samples drawn from a
+fixed set of 60k latents and stopped improving there. More of the same scored worse at a lower
+learning rate while its loss fell, the signature of a model fitting its training images rather
+than the words. On a GPU the fix is cheap: render a million fresh scenes, encode them once with
+the shipped autoencoder (which is not retrained), and train on millions of samples.
+
+A UNet this small leaves most of a large GPU idle (each step is a few hundred small kernels), so
+each requested size trains in its own process on the same GPU, for the same wall-clock budget,
+with a cosine learning-rate schedule over that budget. Every `--save-every` seconds a worker
+writes its EMA weights (fp16 safetensors, step counts in the metadata) and scores them on
+held-out prompts with the attribute evaluator, so a run cut short still leaves its last weights
+and a learning curve.
+
+    python -m dgq.tiny.train_gpu train --sizes s,m,mt --seconds 360 --n-latents 1000000 --out runs/gpu
+    python -m dgq.tiny.train_gpu export --weights runs/gpu/m.safetensors --out assets/tiny-sd
+
+Sizes are `dgq.tiny.models.ARCHS`. The autoencoder, tokenizer and scheduler come from `--base`
+(default: the shipped `assets/tiny-sd`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("dgq.tiny.train_gpu")
+DEFAULT_BASE = Path(__file__).resolve().parents[2] / "assets" / "tiny-sd"
+
+
+# ----------------------------------------------------------------------------- data
+_TOK = None
+
+
+def _render_chunk(args: tuple[int, int, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Renders seeds [start, start + count) and tokenizes their captions (runs in a worker)."""
+    global _TOK
+    from transformers import CLIPTokenizer  # noqa: PLC0415
+
+    from dgq.tiny import render as R  # noqa: PLC0415
+
+    start, count, tok_dir = args
+    if _TOK is None:
+        _TOK = CLIPTokenizer.from_pretrained(tok_dir)
+    imgs, caps = [], []
+    for s in range(start, start + count):
+        _, cap, img = R.sample(s)
+        imgs.append(R.to_array(img))
+        caps.append(cap)
+    ids = _TOK(caps, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    return np.stack(imgs), ids.astype(np.int32)
+
+
+@torch.no_grad()
+def make_latents(base: Path, n: int, out: Path, device: str, procs: int, chunk: int = 2048) -> None:
+    """Render seeds 0..n-1 (the seeds `dgq.tiny.train` uses), encode them, save latents + ids."""
+    from diffusers import AutoencoderTiny  # noqa: PLC0415
+
+    vae = AutoencoderTiny.from_pretrained(str(base / "vae"), dtype=torch.float32).to(device).eval()
+    jobs = [(i, min(chunk, n - i), str(base / "tokenizer")) for i in range(0, n, chunk)]
+    lat, ids = [], []
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(procs) as pool:
+        for k, (img, tok) in enumerate(pool.imap(_render_chunk, jobs)):
+            x = torch.from_numpy(img).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            lat.append(vae.encoder(x).half().cpu())
+            ids.append(torch.from_numpy(tok))
+            if k % 50 == 0:
+                log.info("latents %d/%d (%.0fs)", (k + 1) * chunk, n, time.time() - t0)
+    latents = torch.cat(lat)
+    log.info("latents: %d in %.0fs; per-channel mean %s std %s", n, time.time() - t0,
+             latents[:50000].float().mean((0, 2, 3)).numpy().round(3),
+             latents[:50000].float().std((0, 2, 3)).numpy().round(3))
+    tmp = out.with_suffix(".tmp")
+    save_file({"latents": latents.contiguous(), "input_ids": torch.cat(ids).contiguous()}, str(tmp),
+              metadata={"json": json.dumps({"n": n})})
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------- one size
+def _save_ema(unet_ema, text_ema, path: Path, meta: dict) -> None:
+    tensors = {f"unet.{k}": v.detach().half().cpu().contiguous() for k, v in unet_ema.state_dict().items()}
+    tensors.update({f"text.{k}": v.detach().half().cpu().contiguous() for k, v in text_ema.state_dict().items()})
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def quick_score(pipe, evaluator, prompts: list[str], device: str, steps: int = 25, guidance: float = 7.5,
+                batch: int = 128) -> dict:
+    """Held-out prompts at full precision, image i from seed i, scored by the attribute evaluator."""
+    images = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        gens = [torch.Generator(device).manual_seed(i + j) for j in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                       height=64, width=64, output_type="pil").images
+    return evaluator.score(images, prompts)
+
+
+def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: float, batch: int, lr: float,
+               device: str, seed: int, save_every: float, eval_n: int, p_uncond: float = 0.1,
+               ema_decay: float = 0.9995, schedule: str = "cosine", keep_saves: bool = False,
+               eval_guidance: tuple[float, ...] = (7.5,), init: Path | None = None) -> None:
+    """Train one size for `seconds` of wall-clock time; write `out/<size>.safetensors` as it goes."""
+    import copy  # noqa: PLC0415
+
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+    from transformers import CLIPTokenizer  # noqa: PLC0415
+
+    from dgq.tiny.evaluator import load_evaluator  # noqa: PLC0415
+    from dgq.tiny.models import make_scheduler, make_text_encoder, make_unet  # noqa: PLC0415
+    from dgq.tiny.report import held_out_prompts  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    data = load_file(str(latents_path))
+    latents, input_ids = data["latents"].to(device), data["input_ids"].to(device).long()
+    n = latents.shape[0]
+    tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+    unet, text = make_unet(size), make_text_encoder(size)
+    prior: dict = {}
+    if init is not None:  # continue from saved EMA weights (fresh optimizer and schedule)
+        with safe_open(str(init), "pt") as f:
+            prior = json.loads(f.metadata()["json"])
+        if prior["size"] != size:
+            raise ValueError(f"{init} holds size {prior['size']!r}, not {size!r}")
+        sd = load_file(str(init))
+        unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
+        text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
+        log.info("[%s] initialised from %s (%d samples)", size, init, prior["samples"])
+    unet, text = unet.to(device), text.to(device)
+    params = list(unet.parameters()) + list(text.parameters())
+    fused = {"fused": True} if device == "cuda" else {}
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **fused)
+    unet_ema, text_ema = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    ema = list(unet_ema.parameters()) + list(text_ema.parameters())
+    alphas = make_scheduler("ddpm").alphas_cumprod.to(device)
+    n_t = len(alphas)
+    gen = torch.Generator(device).manual_seed(seed)
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.unet, pipe.text_encoder = unet_ema, text_ema
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    evaluator = load_evaluator(device=device)
+    prompts = held_out_prompts(eval_n)
+
+    step, samples, t0, last_save = 0, 0, time.time(), time.time()
+    history = prior.get("history", []) + ([{k: prior[k] for k in ("samples", "seconds", "lr", "batch", "n_latents")}]
+                                          if prior else [])
+    losses: list[torch.Tensor] = []
+    curve: list[dict] = []
+
+    def save_and_score(final: bool = False) -> None:
+        el = time.time() - t0
+        meta = {"size": size, "step": step, "samples": samples, "seconds": round(el), "batch": batch, "lr": lr,
+                "history": history, "total_samples": samples + sum(h["samples"] for h in history),
+                "budget_seconds": seconds,
+                "schedule": schedule,
+                "n_latents": n, "device": torch.cuda.get_device_name() if device == "cuda" else device,
+                "ema_decay": ema_decay, "p_uncond": p_uncond, "seed": seed}
+        keys = ("single_color", "single_shape", "single_position", "pair_colors", "background")
+        point: dict = {"samples": samples, "seconds": round(el)}
+        for g in eval_guidance if eval_n else ():
+            t1 = time.time()
+            score = quick_score(pipe, evaluator, prompts, device, guidance=g)
+            point[f"g{g:g}"] = {k: v for k, v in score.items() if isinstance(v, float)}
+            log.info("[%s] %s step %d samples %d (%.0f samples/s) guidance %g, eval %.0fs: %s", size,
+                     "FINAL" if final else "save", step, samples, samples / max(el, 1e-9), g, time.time() - t1,
+                     {k: round(100 * score[k], 1) for k in keys if isinstance(score.get(k), float)})
+        curve.append(point)
+        meta["curve"] = curve
+        _save_ema(unet_ema, text_ema, out / f"{size}.safetensors", meta)
+        if keep_saves:
+            _save_ema(unet_ema, text_ema, out / f"{size}-{samples // 1000}k.safetensors", meta)
+
+    unet.train(); text.train()
+    half = batch // 2
+    while True:
+        el = time.time() - t0
+        if el >= seconds:
+            break
+        frac = el / seconds
+        decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0
+        cur = lr * min(1.0, (step + 1) / 300) * decay
+        for g in opt.param_groups:
+            g["lr"] = cur
+        idx = torch.randint(0, n, (batch,), device=device, generator=gen)
+        x0 = latents[idx].float()
+        ids = input_ids[idx]
+        drop = torch.rand(batch, device=device, generator=gen) < p_uncond
+        ids = torch.where(drop[:, None], empty, ids)
+        # half the batch uniform, half from the noisier 70 %: layout and colour are decided there
+        t = torch.cat([torch.randint(0, n_t, (batch - half,), device=device, generator=gen),
+                       torch.randint(int(0.3 * n_t), n_t, (half,), device=device, generator=gen)])
+        noise = torch.randn(x0.shape, device=device, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
+        loss = F.mse_loss(pred.float(), v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        step += 1
+        samples += batch
+        losses.append(loss.detach())
+        if step % 200 == 0:
+            log.info("[%s] step %d samples %d loss %.4f lr %.2e (%.0f samples/s)", size, step, samples,
+                     torch.stack(losses).mean().item(), cur, samples / (time.time() - t0))
+            losses.clear()
+        if time.time() - last_save > save_every:
+            save_and_score()
+            last_save = time.time()
+    save_and_score(final=True)
+
+
+# ----------------------------------------------------------------------------- export
+def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float | None = None) -> None:
+    """A `StableDiffusionPipeline` folder from trained weights + the base's VAE and tokenizer.
+
+    `guidance` is written to `dgq_defaults.json` (the scale the library uses for this model when
+    a caller gives none); without it the base's file is copied, if it has one.
+    """
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline  # noqa: PLC0415
+    from transformers import CLIPTokenizer  # noqa: PLC0415
+
+    from dgq.tiny.models import make_scheduler, make_text_encoder, make_unet  # noqa: PLC0415
+
+    with safe_open(str(weights), "pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    sd = load_file(str(weights))
+    unet, text = make_unet(meta["size"]), make_text_encoder(meta["size"])
+    unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
+    text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderTiny.from_pretrained(str(base / "vae")), text_encoder=text,
+        tokenizer=CLIPTokenizer.from_pretrained(str(base / "tokenizer")), unet=unet,
+        scheduler=make_scheduler("pndm"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(torch.float16)
+    base_training = json.loads((base / "training.json").read_text()) if (base / "training.json").exists() else {}
+    staging = out.with_name(out.name + ".staging")
+    if staging.exists():
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(staging)
+    pipe.save_pretrained(str(staging), safe_serialization=True)
+    if guidance is not None:
+        (staging / "dgq_defaults.json").write_text(json.dumps({"guidance": float(guidance)}, indent=1))
+    elif (base / "dgq_defaults.json").exists():
+        (staging / "dgq_defaults.json").write_text((base / "dgq_defaults.json").read_text())
+    runs = meta.get("history", []) + [{k: meta[k] for k in ("samples", "seconds", "lr", "batch", "n_latents")}]
+    (staging / "training.json").write_text(json.dumps({
+        "unet_samples": sum(r["samples"] for r in runs), "unet_seconds": sum(r["seconds"] for r in runs),
+        "size": meta["size"], "runs": runs, "schedule": meta.get("schedule", "cosine"),
+        "hardware": meta["device"], "curve_of_last_run": meta.get("curve", []),
+        "vae": "reused from the previous shipped model", "vae_steps": base_training.get("vae_steps"),
+    }, indent=2))
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        os.replace(out, old)
+        os.replace(staging, out)
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out)
+    log.info("exported %s (%s, %d samples) to %s", weights, meta["size"], meta["samples"], out)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dgq.tiny.train_gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="render + encode latents, then train each size in parallel")
+    t.add_argument("--sizes", default="s,m,mt", help="comma-separated dgq.tiny.models.ARCHS names")
+    t.add_argument("--seconds", type=float, default=360.0, help="wall-clock training budget per size")
+    t.add_argument("--n-latents", type=int, default=1_000_000)
+    t.add_argument("--batch", type=int, default=512)
+    t.add_argument("--lr", type=float, default=1.5e-3)
+    t.add_argument("--save-every", type=float, default=120.0, help="seconds between saves + quick scores")
+    t.add_argument("--eval-n", type=int, default=240, help="held-out prompts per quick score (0: none)")
+    t.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="render processes")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--base", default=str(DEFAULT_BASE), help="pipeline folder whose VAE/tokenizer are reused")
+    t.add_argument("--out", default="runs/gpu")
+    t.add_argument("--latents", default=None, help="latents file (default: <out>/latents.safetensors)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", default=None, help="continue from saved weights of the same size (one size only)")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning-rate schedule")
+    t.add_argument("--keep-saves", action="store_true", help="also keep every save as <size>-<k samples>k")
+    t.add_argument("--eval-guidance", default="7.5", help="comma-separated guidance scales of the quick scores")
+    t.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    e = sub.add_parser("export", help="save trained weights as a StableDiffusionPipeline folder")
+    e.add_argument("--weights", required=True)
+    e.add_argument("--out", default=str(DEFAULT_BASE))
+    e.add_argument("--base", default=str(DEFAULT_BASE))
+    e.add_argument("--guidance", type=float, default=None, help="the model's default CFG scale (dgq_defaults.json)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+    base = Path(a.base)
+    if a.cmd == "export":
+        export(Path(a.weights), Path(a.out), base, a.guidance)
+        return
+    from dgq.tiny.models import ARCHS  # noqa: PLC0415
+
+    sizes = [s for s in a.sizes.split(",") if s]
+    bad = [s for s in sizes if s not in ARCHS]
+    if bad:
+        p.error(f"unknown sizes {bad}; allowed: {', '.join(ARCHS)}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lat = Path(a.latents) if a.latents else out / "latents.safetensors"
+    if a.worker:
+        train_size(a.worker, lat, base, out, a.seconds, a.batch, a.lr, a.device, a.seed, a.save_every, a.eval_n,
+                   schedule=a.schedule, keep_saves=a.keep_saves,
+                   eval_guidance=tuple(float(g) for g in a.eval_guidance.split(",") if g),
+                   init=Path(a.init) if a.init else None)
+        return
+    if a.init and len(sizes) != 1:
+        p.error("--init continues one size: give exactly one in --sizes")
+    if not lat.exists():
+        make_latents(base, a.n_latents, lat, a.device, a.procs)
+    procs = []
+    for s in sizes:
+        cmd = [sys.executable, "-m", "dgq.tiny.train_gpu", "train", "--worker", s, "--sizes", s,
+               "--seconds", str(a.seconds), "--batch", str(a.batch), "--lr", str(a.lr),
+               "--save-every", str(a.save_every), "--eval-n", str(a.eval_n), "--device", a.device,
+               "--base", str(base), "--out", str(out), "--latents", str(lat), "--seed", str(a.seed),
+               "--schedule", a.schedule, "--eval-guidance", a.eval_guidance] + (["--keep-saves"] if a.keep_saves else [])
+        cmd += ["--init", a.init] if a.init else []
+        procs.append((s, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})))
+    failed = [(s, pr.wait()) for s, pr in procs]
+    failed = [(s, rc) for s, rc in failed if rc]
+    if failed:
+        raise SystemExit(f"sizes failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()

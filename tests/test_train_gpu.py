@@ -1,0 +1,78 @@
+"""The accelerator trainer, run for seconds on the CPU: latents, training, resume, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import dgq
+from dgq.tiny import train_gpu as T
+from dgq.tiny.models import ARCHS, make_unet
+
+
+def _meta(path):
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["json"])
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu") / "latents.safetensors"
+    T.make_latents(T.DEFAULT_BASE, 24, path, "cpu", procs=1, chunk=16)
+    return path
+
+
+def test_latents_are_encoded_renders_with_their_caption_ids(latents):
+    from safetensors.torch import load_file
+
+    from dgq.tiny import render as R
+    from dgq.tiny.tokenizer import build_clip_tokenizer
+
+    d = load_file(str(latents))
+    assert d["latents"].shape == (24, 4, 16, 16) and d["latents"].dtype == torch.float16
+    caps = [R.sample(s)[1] for s in (0, 17)]
+    want = build_clip_tokenizer()(caps, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(d["input_ids"][[0, 17]].long(), want)
+
+
+def test_train_resume_and_export(latents, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    T.train_size("s", latents, T.DEFAULT_BASE, out, seconds=2.0, batch=4, lr=1e-3, device="cpu", seed=0,
+                 save_every=1e9, eval_n=4, eval_guidance=(3.0,))
+    first = _meta(out / "s.safetensors")
+    assert first["samples"] == 4 * first["step"] > 0 and first["history"] == []
+    assert set(first["curve"][-1]["g3"]) >= {"single_color", "background"}  # a real score was taken
+    # continuing keeps the weights it starts from and records where they came from
+    start = out / "start.safetensors"
+    (out / "s.safetensors").rename(start)
+    T.train_size("s", latents, T.DEFAULT_BASE, out, seconds=1.0, batch=4, lr=0.0, device="cpu", seed=1,
+                 save_every=1e9, eval_n=0, init=start)
+    second = _meta(out / "s.safetensors")
+    assert second["history"][0]["samples"] == first["samples"]
+    assert second["total_samples"] == first["samples"] + second["samples"]
+    with safe_open(str(start), "pt") as a, safe_open(str(out / "s.safetensors"), "pt") as b:
+        k = "unet.conv_in.weight"
+        assert torch.equal(a.get_tensor(k), b.get_tensor(k))  # lr 0: EMA of unchanged weights
+    with pytest.raises(ValueError, match="holds size 's'"):
+        T.train_size("m", latents, T.DEFAULT_BASE, out, seconds=0.1, batch=2, lr=0.0, device="cpu", seed=0,
+                     save_every=1e9, eval_n=0, init=start)
+
+    folder = tmp_path / "exported"
+    T.export(out / "s.safetensors", folder, guidance=3.5)
+    pipe = dgq.load_pipeline(str(folder), device="cpu")
+    assert pipe.unet.config.block_out_channels == list(ARCHS["s"].block_out_channels)
+    assert dgq.default_guidance(pipe) == 3.5
+    info = json.loads((folder / "training.json").read_text())
+    assert info["unet_samples"] == second["total_samples"] and len(info["runs"]) == 2
+    assert not (tmp_path / "exported.staging").exists()
+
+
+def test_unknown_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="allowed: s, m, mt"):
+        make_unet("xl")
+    with pytest.raises(SystemExit):
+        T.main(["train", "--sizes", "s,xl", "--out", "/nonexistent"])
