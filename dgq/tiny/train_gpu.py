@@ -249,10 +249,10 @@ def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float 
     `guidance` is written to `dgq_defaults.json` (the scale the library uses for this model when
     a caller gives none); without it the base's file is copied, if it has one.
     """
-    from diffusers import AutoencoderTiny, StableDiffusionPipeline  # noqa: PLC0415
-    from transformers import CLIPTokenizer  # noqa: PLC0415
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
 
-    from dgq.tiny.models import make_scheduler, make_text_encoder, make_unet  # noqa: PLC0415
+    from dgq.tiny.models import make_scheduler, make_text_encoder, make_unet, make_vae  # noqa: PLC0415
+    from dgq.tiny.tokenizer import build_clip_tokenizer  # noqa: PLC0415
 
     with safe_open(str(weights), "pt") as f:
         meta = json.loads(f.metadata()["json"])
@@ -260,9 +260,12 @@ def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float 
     unet, text = make_unet(meta["size"]), make_text_encoder(meta["size"])
     unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
+    # built from the architecture + weights, not from_pretrained: a re-saved config would record
+    # this machine's path (`_name_or_path`)
+    vae = make_vae()
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(base / "vae" / "diffusion_pytorch_model.safetensors")).items()})
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderTiny.from_pretrained(str(base / "vae")), text_encoder=text,
-        tokenizer=CLIPTokenizer.from_pretrained(str(base / "tokenizer")), unet=unet,
+        vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(), unet=unet,
         scheduler=make_scheduler("pndm"), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     ).to(torch.float16)
