@@ -76,8 +76,22 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     prompts = read_prompts(a.prompts_file) if a.prompts_file else None
     pipe = _load(a)
     calib = calibrate(pipe, prompts, steps=a.steps, guidance=a.guidance, batch_size=a.batch_size)
-    print(json.dumps({"model": a.model, "sites": len(calib.sites), "timesteps": len(calib.t_keys) - 1,
-                      "seconds": calib.meta.get("seconds")}))
+    out = {"model": a.model, "sites": len(calib.sites), "timesteps": len(calib.t_keys) - 1,
+           "seconds": calib.meta.get("seconds")}
+    if a.weight_bits:
+        from dgq.studio import Studio  # noqa: PLC0415
+
+        try:
+            bits = sorted({int(b) for b in a.weight_bits.split(",") if b.strip()})
+        except ValueError as e:
+            raise CliError(f"calibrate: --weight-bits {a.weight_bits!r} is not a comma-separated list of integers") from e
+        studio = Studio(pipe, calib)
+        try:
+            out["weight_search_seconds"] = round(studio.search_weight_ranges(bits), 2)
+        except ValueError as e:
+            raise CliError(f"calibrate: {e}") from e
+        out["weight_ranges"] = str(studio._ranges_file)
+    print(json.dumps(out))
     return 0
 
 
@@ -166,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=25)
     c.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's; 7.5 for SD)")
     c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--weight-bits", default="", help="also search the weight ranges at these widths now "
+                   "(e.g. 2,3,4,5,6,7,8) and keep them in the cache, so switching to them skips the search")
     c.set_defaults(func=cmd_calibrate)
 
     g = sub.add_parser("generate", help="generate images with one method")

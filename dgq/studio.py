@@ -35,6 +35,7 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = SD_GUIDANCE  # when neither the caller nor the model folder gives one
 MAX_TOKENS = 77
 SHIPPED_CALIBRATION = ASSETS / "tiny-sd-calibration" / "calibration"
+SHIPPED_WEIGHT_RANGES = ASSETS / "tiny-sd-calibration" / "weight_ranges.safetensors"
 SD_PROMPTS_FILE = ASSETS / "prompts" / "calibration_sd.txt"
 
 
@@ -226,13 +227,60 @@ class Studio:
     """
 
     def __init__(self, pipe, calibration: Calibration | None = None, weight_search: str = "mse",
-                 max_steps: int = 200, max_batch: int = 16) -> None:
+                 max_steps: int = 200, max_batch: int = 16, range_cache: bool | str | Path = True) -> None:
         self.pipe = pipe
         self.calibration = calibration
         self.max_steps, self.max_batch = max_steps, max_batch
         self.layers = quantize_(pipe.unet, weight_search=weight_search)
+        self._qlayers = quantized_layers(pipe.unet)
         self._params: OrderedDict[QuantConfig, QuantParams] = OrderedDict()
         self._lock = threading.Lock()
+        self._ranges_file: Path | None = None
+        self._ranges_saved = 0
+        self._ranges_lock = threading.Lock()
+        if range_cache:
+            self._load_weight_ranges(range_cache)
+
+    def _load_weight_ranges(self, range_cache: bool | str | Path) -> None:
+        """Searched weight ranges from earlier sessions (`dgq.weight_ranges`): the shipped file of
+        the embedded model, then this model's file in the cache, which later searches update."""
+        from dgq import weight_ranges as WR  # noqa: PLC0415
+
+        key = weights_fingerprint(self.pipe.unet)
+        folder = cache_dir() / "weight-ranges" if range_cache is True else Path(range_cache)
+        self._ranges_file = folder / f"{key}.safetensors"
+        if is_embedded(self.model_id):
+            WR.load_into(self._qlayers, SHIPPED_WEIGHT_RANGES, key)
+        WR.load_into(self._qlayers, self._ranges_file, key)
+        self._ranges_saved = WR.entry_count(self._qlayers)
+        self._ranges_key = key
+
+    def search_weight_ranges(self, bits: Sequence[int]) -> float:
+        """Search (or load) every layer's weight range at each of `bits` now and keep them on disk,
+        so later changes to those widths skip the search; returns the seconds it took."""
+        t0 = time.perf_counter()
+        for b in bits:
+            if not 2 <= int(b) <= 8:
+                raise ValueError(f"weight bits {b!r} out of range; allowed: 2..8")
+            for layer in self._qlayers.values():
+                layer.quantized_weight(int(b))
+        self._save_weight_ranges()
+        return time.perf_counter() - t0
+
+    def _save_weight_ranges(self) -> None:
+        """Keep newly searched weight ranges for the next session (atomic; failures only logged)."""
+        if self._ranges_file is None:
+            return
+        from dgq import weight_ranges as WR  # noqa: PLC0415
+
+        with self._ranges_lock:
+            n = WR.entry_count(self._qlayers)
+            if n > self._ranges_saved:
+                try:
+                    WR.save(self._qlayers, self._ranges_file, self._ranges_key)
+                    self._ranges_saved = n
+                except OSError as e:
+                    log.warning("could not write the weight-range cache %s: %s", self._ranges_file, e)
 
     @property
     def resolution(self) -> int:
@@ -272,7 +320,9 @@ class Studio:
             if config.w_bits < 16:
                 for layer in quantized_layers(self.pipe.unet).values():
                     layer.quantized_weight(config.w_bits)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self._save_weight_ranges()
+        return seconds
 
     def tokens(self, prompt: str) -> tuple[list[str], bool]:
         """Token strings of `prompt` as the text encoder sees them and whether it was truncated."""
@@ -355,6 +405,8 @@ class Studio:
                        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
                        height=self.resolution, width=self.resolution, callback_on_step_end=on_step)
         seconds = time.perf_counter() - t0
+        if params is not None and config.w_bits < 16:
+            self._save_weight_ranges()
         return Generation(out.images, config, seeds[0] if len(seeds) == 1 else seeds, steps, guidance, seconds,
                           prompts, truncated, recorder)
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# caches (calibration, kernels, weight ranges) of this test session only, unless the caller sets one
+os.environ.setdefault("DGQ_CACHE", tempfile.mkdtemp(prefix="dgq-test-cache-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 CALIB_PROMPTS = ["a large red circle on the left", "a small blue square at the top",
