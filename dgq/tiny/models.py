@@ -48,8 +48,8 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {
-    "s": Arch(),  # the first shipped model: 1.5 M UNet parameters
-    "m": Arch(block_out_channels=(48, 96, 96)),  # 3.3 M
+    "s": Arch(),  # the first shipped model (CPU-trained): 1.5 M UNet parameters
+    "m": Arch(block_out_channels=(48, 96, 96)),  # 3.3 M: the shipped model (assets/tiny-sd)
     "mt": Arch(block_out_channels=(48, 96, 96), text_layers=4),  # 3.3 M, a deeper text encoder
 }
 
