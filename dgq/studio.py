@@ -318,7 +318,7 @@ class Studio:
         if params is not None:
             params.build_all()
             if config.w_bits < 16:
-                for layer in quantized_layers(self.pipe.unet).values():
+                for layer in self._qlayers.values():
                     layer.quantized_weight(config.w_bits)
         seconds = time.perf_counter() - t0
         self._save_weight_ranges()

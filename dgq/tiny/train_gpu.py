@@ -28,6 +28,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 log = logging.getLogger("dgq.tiny.train_gpu")
 DEFAULT_BASE = Path(__file__).resolve().parents[2] / "assets" / "tiny-sd"
@@ -86,19 +87,18 @@ def make_latents(base: Path, n: int, out: Path, device: str, procs: int, chunk: 
     log.info("latents: %d in %.0fs; per-channel mean %s std %s", n, time.time() - t0,
              latents[:50000].float().mean((0, 2, 3)).numpy().round(3),
              latents[:50000].float().std((0, 2, 3)).numpy().round(3))
-    tmp = out.with_suffix(".tmp")
-    save_file({"latents": latents.contiguous(), "input_ids": torch.cat(ids).contiguous()}, str(tmp),
-              metadata={"json": json.dumps({"n": n})})
-    os.replace(tmp, out)
+    from dgq.tiny.train import _atomic_save  # noqa: PLC0415 - not at import: render workers stay light
+
+    _atomic_save({"latents": latents, "input_ids": torch.cat(ids)}, out, {"n": n})
 
 
 # ----------------------------------------------------------------------------- one size
 def _save_ema(unet_ema, text_ema, path: Path, meta: dict) -> None:
-    tensors = {f"unet.{k}": v.detach().half().cpu().contiguous() for k, v in unet_ema.state_dict().items()}
-    tensors.update({f"text.{k}": v.detach().half().cpu().contiguous() for k, v in text_ema.state_dict().items()})
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)})
-    os.replace(tmp, path)
+    from dgq.tiny.train import _atomic_save  # noqa: PLC0415 - not at import: render workers stay light
+
+    tensors = {f"unet.{k}": v.detach().half().cpu() for k, v in unet_ema.state_dict().items()}
+    tensors.update({f"text.{k}": v.detach().half().cpu() for k, v in text_ema.state_dict().items()})
+    _atomic_save(tensors, path, meta)
 
 
 @torch.no_grad()
@@ -272,8 +272,6 @@ def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float 
     base_training = json.loads((base / "training.json").read_text()) if (base / "training.json").exists() else {}
     staging = out.with_name(out.name + ".staging")
     if staging.exists():
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(staging)
     pipe.save_pretrained(str(staging), safe_serialization=True)
     if guidance is not None:
@@ -291,8 +289,6 @@ def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float 
         old = out.with_name(out.name + ".old")
         os.replace(out, old)
         os.replace(staging, out)
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(old)
     else:
         os.replace(staging, out)
