@@ -87,6 +87,10 @@ class StatsCollector:
         self.sites: dict[str, SiteInfo] = {}
         self.acc: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
+        # per call: (timestep, [min, max] or [min, max, min_x0, max_x0]); the per-tensor ranges
+        # and their EMAs are folded from these in `finalize` (a loop over floats, not ~20 tensor
+        # ops on every call of every site)
+        self.scalars: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self.t: int | None = None
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -95,18 +99,14 @@ class StatsCollector:
 
     # ------------------------------------------------------------------ observation
     def _update(self, site: str, t: int, vals: dict[str, torch.Tensor]) -> None:
-        """Fold one call's statistics into timestep `t`'s accumulators; the all-steps set only
-        keeps its running EMAs here (they depend on the call order) and gets its min/max/
-        histograms from the per-timestep ones in `finalize` (same values, half the work)."""
+        """Fold one call's statistics into timestep `t`'s accumulators; the all-steps set gets its
+        min/max/histograms from the per-timestep ones in `finalize` (same values, half the work)."""
         acc = self.acc.setdefault((site, t), {})
-        acc_all = self.acc.setdefault((site, ALL), {})
         for k, v in vals.items():
-            v = v.detach().float().cpu()
-            ema = k.startswith("ema")
+            if v.device.type != "cpu":
+                v = v.cpu()
             if k not in acc:
                 acc[k] = v.clone()
-            elif ema:
-                acc[k].mul_(EMA_MOMENTUM).add_(v, alpha=1 - EMA_MOMENTUM)
             elif k.startswith("hist"):
                 acc[k].add_(v)
             elif "min" in k:
@@ -115,11 +115,40 @@ class StatsCollector:
                 torch.maximum(acc[k], v, out=acc[k])
             else:
                 raise KeyError(f"no aggregation rule for statistic {k!r}")
-            if ema:
-                if k in acc_all:
-                    acc_all[k].mul_(EMA_MOMENTUM).add_(v, alpha=1 - EMA_MOMENTUM)
+
+    def _fold_scalars(self, site: str) -> None:
+        """Per-tensor min/max (tmin/tmax) and their EMAs over calls (momentum 0.95, the TFMQ
+        baseline's), per timestep and over all steps in call order, from the per-call scalars."""
+        calls = self.scalars.get(site)
+        if not calls:
+            return
+        vals = torch.stack([v for _, v in calls]).double().tolist()
+        names = ("", "_x0") if len(vals[0]) == 4 else ("",)
+        for j, sfx in enumerate(names):
+            per: dict[int, list[float]] = {}  # t -> [tmin, tmax, ema_min, ema_max]
+            run: list[float] | None = None
+            for (t, _), v in zip(calls, vals):
+                lo, hi = v[2 * j], v[2 * j + 1]
+                elo, ehi = min(lo, 0.0), max(hi, 0.0)
+                cur = per.get(t)
+                if cur is None:
+                    per[t] = [lo, hi, elo, ehi]
                 else:
-                    acc_all[k] = v.clone()
+                    cur[0], cur[1] = min(cur[0], lo), max(cur[1], hi)
+                    cur[2] = EMA_MOMENTUM * cur[2] + (1 - EMA_MOMENTUM) * elo
+                    cur[3] = EMA_MOMENTUM * cur[3] + (1 - EMA_MOMENTUM) * ehi
+                if run is None:
+                    run = [elo, ehi]
+                else:
+                    run[0] = EMA_MOMENTUM * run[0] + (1 - EMA_MOMENTUM) * elo
+                    run[1] = EMA_MOMENTUM * run[1] + (1 - EMA_MOMENTUM) * ehi
+            for t, (lo, hi, elo, ehi) in per.items():
+                acc = self.acc[(site, t)]
+                acc["tmin" + sfx], acc["tmax" + sfx] = torch.tensor(lo), torch.tensor(hi)
+                acc["ema_min" + sfx], acc["ema_max" + sfx] = torch.tensor(elo), torch.tensor(ehi)
+            assert run is not None
+            acc_all = self.acc.setdefault((site, ALL), {})
+            acc_all["ema_min" + sfx], acc_all["ema_max" + sfx] = torch.tensor(run[0]), torch.tensor(run[1])
 
     def _fold_all(self, site: str, t_keys: list[int]) -> dict[str, torch.Tensor]:
         """The all-steps accumulators of `site`: min/max/sum over its per-timestep ones."""
@@ -161,23 +190,28 @@ class StatsCollector:
         info = self._register(site, kind, x, cross, conv)
         # one pass over x: min/max over the batch axis, everything else from that smaller tensor
         mn0, mx0 = x.amin(dim=0), x.amax(dim=0)  # (torch.aminmax with a dim is ~10× slower on CPU)
-        mn, mx = mn0.min(), mx0.max()
-        vals: dict[str, torch.Tensor] = {"tmin": mn, "tmax": mx, "ema_min": mn.clamp(max=0.0), "ema_max": mx.clamp(min=0.0)}
+        scal = [mn0.min(), mx0.max()]
         if kind in GROUPED_KINDS:
             ch_axes, px_axes = _reduce_axes(x, kind)
             ch_axes = tuple(a - 1 for a in ch_axes if a != 0)  # axes of mn0/mx0 (batch reduced)
             px_axes = tuple(a - 1 for a in px_axes if a != 0)
-            vals["ch_min"], vals["ch_max"] = mn0.amin(dim=ch_axes), mx0.amax(dim=ch_axes)
-            vals["px_min"], vals["px_max"] = mn0.amin(dim=px_axes).flatten(), mx0.amax(dim=px_axes).flatten()
+            vals = {"ch_min": mn0.amin(dim=ch_axes), "ch_max": mx0.amax(dim=ch_axes),
+                    "px_min": mn0.amin(dim=px_axes).flatten(), "px_max": mx0.amax(dim=px_axes).flatten()}
             if info.kind == "k" and cross:  # statistics without the <start> key row
-                rmn, rmx = mn0[:, 1:], mx0[:, 1:]  # [heads, T−1, d]
-                vals["chx_min"], vals["chx_max"] = rmn.amin(dim=(0, 1)), rmx.amax(dim=(0, 1))
-                r_lo, r_hi = rmn.min(), rmx.max()
-                vals.update(tmin_x0=r_lo, tmax_x0=r_hi, ema_min_x0=r_lo.clamp(max=0.0), ema_max_x0=r_hi.clamp(min=0.0))
-        self._update(site, self.t, vals)
+                vals["chx_min"] = mn0[:, 1:].amin(dim=(0, 1))  # [heads, T−1, d] → d
+                vals["chx_max"] = mx0[:, 1:].amax(dim=(0, 1))
+                scal += [vals["chx_min"].min(), vals["chx_max"].max()]
+            self._update(site, self.t, vals)
+        else:
+            self.acc.setdefault((site, self.t), {})
+        sc = torch.stack(scal)
+        self.scalars.setdefault(site, []).append((self.t, sc if sc.device.type == "cpu" else sc.cpu()))
         flat = x.reshape(-1)
-        idx = torch.randint(0, flat.numel(), (SAMPLE_PER_CALL,), generator=self.gen).to(flat.device)
-        self.samples.setdefault(site, []).append(torch.cat([flat[idx], mn[None], mx[None]]).cpu())
+        idx = torch.randint(0, flat.numel(), (SAMPLE_PER_CALL,), generator=self.gen)
+        if flat.device.type != "cpu":
+            idx = idx.to(flat.device)
+        sample = torch.cat([flat[idx], sc[:2]])
+        self.samples.setdefault(site, []).append(sample if sample.device.type == "cpu" else sample.cpu())
 
     @torch.no_grad()
     def observe_probs(self, site: str, p: torch.Tensor, cross: bool) -> None:
@@ -197,6 +231,8 @@ class StatsCollector:
         t_keys = sorted({t for (_, t) in self.acc if t != ALL}, reverse=True)
         keys = t_keys + [ALL]
         tensors: dict[str, torch.Tensor] = {}
+        for name in self.sites:
+            self._fold_scalars(name)
         for name, info in self.sites.items():
             per_t = [self.acc[(name, t)] for t in t_keys] + [self._fold_all(name, t_keys)]
             for fld in per_t[0]:

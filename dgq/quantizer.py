@@ -288,7 +288,7 @@ def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor
     broadcast over inner axes). Everything that depends only on the input's shape is worked
     out once and kept on `q` (one dict lookup per call): these tensors are small, so per-call
     Python work is a large share of the cost."""
-    key = (kind, x.shape, x.stride(), x.dtype, x.device)
+    key = (kind, x.shape, x.stride(), x.dtype, x.device, torch.get_num_threads())
     plan = q._by_input.get(key)
     if plan is None:
         plan = q._by_input[key] = _plan(x, q, kind, key)
@@ -320,7 +320,7 @@ def _plan(x: torch.Tensor, q: ActQuant, kind: str, key: tuple) -> tuple:
 
     shp = _shape(kind, q.mode, tuple(x.shape[2:]))
     params = q.prepared(x.device, shp)
-    lkey = (key, q.mode, torch.get_num_threads() == 1)
+    lkey = (key, q.mode, torch.get_num_threads())
     lay = _LAYOUTS.get(lkey, False)
     if lay is False:
         lay = _LAYOUTS[lkey] = _kernel_layout(x, shp) if kernels.usable(x) else None
@@ -332,7 +332,8 @@ def _plan(x: torch.Tensor, q: ActQuant, kind: str, key: tuple) -> tuple:
         if p.numel() != n or not p.is_contiguous() or p.dtype != torch.float32:
             return params, None
     _KERNELS = lib
-    return params, (lay[0], lay[1], (s.data_ptr(), inv.data_ptr(), lo.data_ptr(), hi.data_ptr()))
+    return params, (lay[0], lay[1], (s.data_ptr(), inv.data_ptr(), lo.data_ptr(), hi.data_ptr(),
+                                     kernels.threads_for(x.numel())))
 
 
 def _kernel_layout(x: torch.Tensor, shp: tuple[int, ...]) -> tuple | None:

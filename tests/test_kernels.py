@@ -147,3 +147,31 @@ def test_large_tensors_use_the_threaded_eager_ops(monkeypatch):
         assert next(iter(q1._by_input.values()))[1] is not None
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_results_do_not_depend_on_the_thread_split(monkeypatch):
+    """With OpenMP a map above PARALLEL_MIN is split over the intra-op threads: elementwise work
+    and exact maxima, so one thread and two give the same bits (and so does the eager path)."""
+    monkeypatch.setattr(K, "PARALLEL_MIN", 64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, 24, generator=g) * 3
+    q = ActQuant(6, "channel", torch.rand(24, generator=g) + 0.05, torch.randint(0, 64, (24,), generator=g).float())
+    p = torch.softmax(torch.randn(3, 2, 16, 77, generator=g) * 3, -1)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fq = _fresh(q)
+            y = apply_act(x, fq, "linear")
+            assert next(iter(fq._by_input.values()))[1][2][-1] == n  # the plan carries the split
+            pq = apply_prob(p.clone(), ProbQuant(4, True, True, True, "sample", None), inplace=True)
+            out.append((y, pq))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    monkeypatch.setattr(K, "_lib", None)
+    monkeypatch.setattr(K, "_tried", True)
+    assert torch.equal(out[0][0], apply_act(x, _fresh(q), "linear"))
+    assert torch.equal(out[0][1], apply_prob(p.clone(), ProbQuant(4, True, True, True, "sample", None)))
