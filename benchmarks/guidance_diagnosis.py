@@ -47,19 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     a = p.parse_args(argv)
 
-    import numpy as np
     import torch
 
     import dgq
     from dgq.tiny.evaluator import load_evaluator
-    from dgq.tiny.render import sample
+    from dgq.tiny.train import _images
 
     torch.manual_seed(0)
     pipe = dgq.load_pipeline(a.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     ev = load_evaluator()
-    scenes = [sample(TUNING_SEED + i, 0.3) for i in range(a.n)]
-    prompts = [s[1] for s in scenes]
+    renders, prompts = _images(list(range(TUNING_SEED, TUNING_SEED + a.n)))  # [-1, 1] images, captions
     sf = pipe.vae.config.scaling_factor
     t0 = time.time()
 
@@ -76,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
             gens = [torch.Generator().manual_seed(s) for s in range(i, i + len(chunk))]
             r = pipe(chunk, num_inference_steps=a.steps, guidance_scale=first, generator=gens,
                      callback_on_step_end=cb, output_type="latent" if latent else "pil")
-            out.append(r.images) if latent else out.extend(r.images)
+            if latent:
+                out.append(r.images)
+            else:
+                out.extend(r.images)
         return torch.cat(out) if latent else out
 
     def score(images) -> dict[str, float]:
@@ -84,11 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         return {k: None if s.get(k) is None else round(100 * s[k], 1) for k in KEYS}
 
     def decode(z):
+        """As the pipeline decodes its output latents."""
         with torch.no_grad():
-            x = pipe.vae.decode(z / sf).sample
-        arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        from PIL import Image
-        return [Image.fromarray(v) for v in arr]
+            return pipe.image_processor.postprocess(pipe.vae.decode(z / sf).sample, output_type="pil")
 
     report: dict = {"model": a.model, "prompts": f"render.sample({TUNING_SEED} + i), i < {a.n}", "steps": a.steps,
                     "low": a.low, "high": a.high}
@@ -110,9 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"interval  {name:32s} {report['interval'][name]}", flush=True)
 
     # 2. the decoder
-    x = torch.stack([torch.from_numpy(np.asarray(s[2], dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1 for s in scenes])
     with torch.no_grad():
-        z_data = pipe.vae.encode(x).latents * sf
+        z_data = pipe.vae.encode(renders).latents * sf
     mu = z_data.mean((0, 2, 3), keepdim=True)
     z_lo, z_hi = run(lo, latent=True), run(hi, latent=True)
 

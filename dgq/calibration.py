@@ -103,8 +103,7 @@ class StatsCollector:
         min/max/histograms from the per-timestep ones in `finalize` (same values, half the work)."""
         acc = self.acc.setdefault((site, t), {})
         for k, v in vals.items():
-            if v.device.type != "cpu":
-                v = v.cpu()
+            v = v.cpu()
             if k not in acc:
                 acc[k] = v.clone()
             elif k.startswith("hist"):
@@ -126,22 +125,13 @@ class StatsCollector:
         names = ("", "_x0") if len(vals[0]) == 4 else ("",)
         for j, sfx in enumerate(names):
             per: dict[int, list[float]] = {}  # t -> [tmin, tmax, ema_min, ema_max]
-            run: list[float] | None = None
+            run: tuple[float, ...] | None = None
             for (t, _), v in zip(calls, vals):
                 lo, hi = v[2 * j], v[2 * j + 1]
-                elo, ehi = min(lo, 0.0), max(hi, 0.0)
+                e = (min(lo, 0.0), max(hi, 0.0))
                 cur = per.get(t)
-                if cur is None:
-                    per[t] = [lo, hi, elo, ehi]
-                else:
-                    cur[0], cur[1] = min(cur[0], lo), max(cur[1], hi)
-                    cur[2] = EMA_MOMENTUM * cur[2] + (1 - EMA_MOMENTUM) * elo
-                    cur[3] = EMA_MOMENTUM * cur[3] + (1 - EMA_MOMENTUM) * ehi
-                if run is None:
-                    run = [elo, ehi]
-                else:
-                    run[0] = EMA_MOMENTUM * run[0] + (1 - EMA_MOMENTUM) * elo
-                    run[1] = EMA_MOMENTUM * run[1] + (1 - EMA_MOMENTUM) * ehi
+                per[t] = [lo, hi, *e] if cur is None else [min(cur[0], lo), max(cur[1], hi), *_ema(cur[2:], e)]
+                run = e if run is None else _ema(run, e)
             for t, (lo, hi, elo, ehi) in per.items():
                 acc = self.acc[(site, t)]
                 acc["tmin" + sfx], acc["tmax" + sfx] = torch.tensor(lo), torch.tensor(hi)
@@ -205,13 +195,10 @@ class StatsCollector:
         else:
             self.acc.setdefault((site, self.t), {})
         sc = torch.stack(scal)
-        self.scalars.setdefault(site, []).append((self.t, sc if sc.device.type == "cpu" else sc.cpu()))
+        self.scalars.setdefault(site, []).append((self.t, sc.cpu()))
         flat = x.reshape(-1)
-        idx = torch.randint(0, flat.numel(), (SAMPLE_PER_CALL,), generator=self.gen)
-        if flat.device.type != "cpu":
-            idx = idx.to(flat.device)
-        sample = torch.cat([flat[idx], sc[:2]])
-        self.samples.setdefault(site, []).append(sample if sample.device.type == "cpu" else sample.cpu())
+        idx = torch.randint(0, flat.numel(), (SAMPLE_PER_CALL,), generator=self.gen).to(flat.device)
+        self.samples.setdefault(site, []).append(torch.cat([flat[idx], sc[:2]]).cpu())
 
     @torch.no_grad()
     def observe_probs(self, site: str, p: torch.Tensor, cross: bool) -> None:
@@ -254,6 +241,11 @@ class StatsCollector:
         calib = Calibration(tensors, {n: i for n, i in self.sites.items()}, keys, meta)
         calib.derive_groups()
         return calib
+
+
+def _ema(prev: Sequence[float], new: Sequence[float]) -> tuple[float, ...]:
+    """One EMA step (momentum 0.95, as the TFMQ baseline) of each value."""
+    return tuple(EMA_MOMENTUM * p + (1 - EMA_MOMENTUM) * n for p, n in zip(prev, new))
 
 
 def _STORE_HALF(key: str) -> bool:

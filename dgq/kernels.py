@@ -133,8 +133,8 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shar
 _OPENMP = ["-fopenmp"]
 # Maps smaller than this run on one thread: waking the pool costs more than it saves.
 PARALLEL_MIN = 1 << 10
-# Above this many elements the single-threaded kernels give way to PyTorch's multi-threaded
-# eager ops when more than one thread is allowed (SD-scale maps on a many-core machine).
+# Above this many elements the kernels give way to PyTorch's multi-threaded eager ops when more
+# than one thread is allowed (SD-scale maps on a many-core machine), OpenMP build or not.
 SINGLE_THREAD_MAX = 1 << 20
 _lib: ctypes.CDLL | None = None
 _tried = False

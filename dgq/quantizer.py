@@ -320,7 +320,7 @@ def _plan(x: torch.Tensor, q: ActQuant, kind: str, key: tuple) -> tuple:
 
     shp = _shape(kind, q.mode, tuple(x.shape[2:]))
     params = q.prepared(x.device, shp)
-    lkey = (key, q.mode, torch.get_num_threads())
+    lkey = (key, q.mode)  # key holds the thread count, on which `kernels.usable` depends
     lay = _LAYOUTS.get(lkey, False)
     if lay is False:
         lay = _LAYOUTS[lkey] = _kernel_layout(x, shp) if kernels.usable(x) else None
