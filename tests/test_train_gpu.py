@@ -76,3 +76,24 @@ def test_unknown_size_is_a_clear_error():
         make_unet("xl")
     with pytest.raises(SystemExit):
         T.main(["train", "--sizes", "s,xl", "--out", "/nonexistent"])
+
+
+def test_paired_unconditional_training_with_distillation_runs_and_records_itself(latents, tmp_path):
+    T.train_size("s", latents, T.DEFAULT_BASE, tmp_path, seconds=1.5, batch=4, lr=1e-3, device="cpu", seed=0,
+                 save_every=1e9, eval_n=2, eval_guidance=(7.5,), uncond="paired", distill_below=600,
+                 t_sampling="uniform", eval_seed=80_000_000)
+    meta = _meta(tmp_path / "s.safetensors")
+    assert meta["step"] > 0 and meta["uncond"] == "paired" and meta["distill_below"] == 600
+    assert meta["t_sampling"] == "uniform" and meta["eval_seed"] == 80_000_000
+    assert "single_color" in meta["curve"][-1]["g7.5"] or "background" in meta["curve"][-1]["g7.5"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"uncond": "both"}, "uncond must be"),
+    ({"t_sampling": "low"}, "t_sampling must be"),
+    ({"distill_below": 500}, "needs uncond='paired'"),
+])
+def test_bad_training_options_are_clear_errors(latents, tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        T.train_size("s", latents, T.DEFAULT_BASE, tmp_path, seconds=0.1, batch=2, lr=0.0, device="cpu",
+                     seed=0, save_every=1e9, eval_n=0, **kw)

@@ -117,8 +117,39 @@ def quick_score(pipe, evaluator, prompts: list[str], device: str, steps: int = 2
 def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: float, batch: int, lr: float,
                device: str, seed: int, save_every: float, eval_n: int, p_uncond: float = 0.1,
                ema_decay: float = 0.9995, schedule: str = "cosine", keep_saves: bool = False,
-               eval_guidance: tuple[float, ...] = (7.5,), init: Path | None = None) -> None:
-    """Train one size for `seconds` of wall-clock time; write `out/<size>.safetensors` as it goes."""
+               eval_guidance: tuple[float, ...] = (7.5,), init: Path | None = None,
+               uncond: str = "dropout", distill_below: int = 0, t_sampling: str = "mixed",
+               eval_seed: int | None = None, t_max: int | None = None) -> None:
+    """Train one size for `seconds` of wall-clock time; write `out/<size>.safetensors` as it goes.
+
+    `uncond` chooses how the unconditional branch (the one classifier-free guidance subtracts)
+    is trained: "dropout" replaces the caption of a `p_uncond` share of samples by the empty
+    prompt, as SD did; "paired" runs every noised latent through both branches, so the
+    unconditional one sees every sample instead of one in ten. Guidance multiplies the two
+    branches' disagreement by s - 1, so at 7.5 a small error of the rarely trained branch
+    becomes as large as the signal (README, "The embedded model").
+
+    `distill_below` (paired only): below t = distill_below / 2 the unconditional branch regresses
+    onto the conditional prediction (stop-gradient) instead of the sampled v, blending back to
+    the sampled v at t = distill_below. Where the noised latent already shows what the caption
+    says, both branches estimate the same E[v | x_t]; the conditional prediction is that
+    estimate with far less variance than one sampled target, and it is exactly the
+    disagreement guidance amplifies that this term drives down.
+
+    `t_sampling`: "mixed" draws half of each batch from the noisier 70 % of timesteps (where
+    layout and colour are decided), "uniform" draws all of it uniformly. `eval_seed`: renderer
+    seed of the first quick-score prompt (default: the report's held-out prompts; pass the
+    tuning seeds, 80,000,000, when the scores are used to choose between runs). `t_max`: draw
+    timesteps below it only, for a fine-tune aimed at the less noisy steps (with "uniform").
+    """
+    if uncond not in ("dropout", "paired"):
+        raise ValueError(f"uncond must be 'dropout' or 'paired', not {uncond!r}")
+    if t_sampling not in ("mixed", "uniform"):
+        raise ValueError(f"t_sampling must be 'mixed' or 'uniform', not {t_sampling!r}")
+    if t_max is not None and (t_sampling != "uniform" or not 0 < t_max <= 1000):
+        raise ValueError("t_max needs t_sampling='uniform' and 0 < t_max <= 1000")
+    if distill_below and uncond != "paired":
+        raise ValueError("distill_below needs uncond='paired' (both branches on the same noised latent)")
     import copy  # noqa: PLC0415
 
     from diffusers import StableDiffusionPipeline  # noqa: PLC0415
@@ -126,7 +157,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
 
     from dgq.tiny.evaluator import load_evaluator  # noqa: PLC0415
     from dgq.tiny.models import make_scheduler, make_text_encoder, make_unet  # noqa: PLC0415
-    from dgq.tiny.report import held_out_prompts  # noqa: PLC0415
+    from dgq.tiny.render import sample  # noqa: PLC0415
+    from dgq.tiny.report import HELD_OUT_SEED  # noqa: PLC0415
 
     torch.manual_seed(seed)
     if device == "cuda":
@@ -165,7 +197,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     evaluator = load_evaluator(device=device)
-    prompts = held_out_prompts(eval_n)
+    first_seed = HELD_OUT_SEED if eval_seed is None else eval_seed
+    prompts = [sample(first_seed + i)[1] for i in range(eval_n)]
 
     step, samples, t0, last_save = 0, 0, time.time(), time.time()
     history = prior.get("history", []) + ([{k: prior[k] for k in ("samples", "seconds", "lr", "batch", "n_latents")}]
@@ -180,7 +213,9 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                 "budget_seconds": seconds,
                 "schedule": schedule,
                 "n_latents": n, "device": torch.cuda.get_device_name() if device == "cuda" else device,
-                "ema_decay": ema_decay, "p_uncond": p_uncond, "seed": seed}
+                "ema_decay": ema_decay, "p_uncond": p_uncond, "seed": seed, "uncond": uncond,
+                "distill_below": distill_below, "t_sampling": t_sampling, "eval_seed": first_seed,
+                "t_max": t_max}
         keys = ("single_color", "single_shape", "single_position", "pair_colors", "background")
         point: dict = {"samples": samples, "seconds": round(el)}
         for g in eval_guidance if eval_n else ():
@@ -210,18 +245,32 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
         idx = torch.randint(0, n, (batch,), device=device, generator=gen)
         x0 = latents[idx].float()
         ids = input_ids[idx]
-        drop = torch.rand(batch, device=device, generator=gen) < p_uncond
-        ids = torch.where(drop[:, None], empty, ids)
-        # half the batch uniform, half from the noisier 70 %: layout and colour are decided there
-        t = torch.cat([torch.randint(0, n_t, (batch - half,), device=device, generator=gen),
-                       torch.randint(int(0.3 * n_t), n_t, (half,), device=device, generator=gen)])
+        if uncond == "dropout":  # drawn before t, as it always was: old seeds give the same batches
+            drop = torch.rand(batch, device=device, generator=gen) < p_uncond
+            ids = torch.where(drop[:, None], empty, ids)
+        if t_sampling == "mixed":  # half uniform, half from the noisier 70 %: layout and colour are decided there
+            t = torch.cat([torch.randint(0, n_t, (batch - half,), device=device, generator=gen),
+                           torch.randint(int(0.3 * n_t), n_t, (half,), device=device, generator=gen)])
+        else:
+            t = torch.randint(0, t_max or n_t, (batch,), device=device, generator=gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         v = a.sqrt() * noise - (1 - a).sqrt() * x0
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
-        loss = F.mse_loss(pred.float(), v)
+        if uncond == "dropout":
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
+            loss = F.mse_loss(pred.float(), v)
+        else:
+            both = torch.cat([ids, empty.expand(batch, -1)])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                pred = unet(torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=text(both)[0]).sample
+            pc, pu = pred.float().chunk(2)
+            target_u = v
+            if distill_below:
+                w = ((distill_below - t.float()) / (distill_below / 2)).clamp(0, 1).view(-1, 1, 1, 1)
+                target_u = v + w * (pc.detach() - v)
+            loss = 0.5 * (F.mse_loss(pc, v) + F.mse_loss(pu, target_u))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -318,7 +367,23 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="learning-rate schedule")
     t.add_argument("--keep-saves", action="store_true", help="also keep every save as <size>-<k samples>k")
     t.add_argument("--eval-guidance", default="7.5", help="comma-separated guidance scales of the quick scores")
+    t.add_argument("--p-uncond", type=float, default=0.1, help="caption dropout share (--uncond dropout)")
+    t.add_argument("--uncond", choices=["dropout", "paired"], default="dropout",
+                   help="how the unconditional branch is trained (see train_size)")
+    t.add_argument("--distill-below", type=int, default=0,
+                   help="paired: the unconditional branch follows the conditional one below this t / 2 (0: off)")
+    t.add_argument("--t-sampling", choices=["mixed", "uniform"], default="mixed")
+    t.add_argument("--t-max", type=int, default=None, help="uniform: draw timesteps below this one only")
+    t.add_argument("--ema-decay", type=float, default=0.9995)
+    t.add_argument("--eval-seed", type=int, default=None,
+                   help="renderer seed of the first quick-score prompt (default: the held-out prompts)")
     t.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    la = sub.add_parser("latents", help="only render + encode the latents file (shared by several runs)")
+    la.add_argument("--n", type=int, default=1_000_000)
+    la.add_argument("--out", required=True)
+    la.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    la.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    la.add_argument("--base", default=str(DEFAULT_BASE))
     e = sub.add_parser("export", help="save trained weights as a StableDiffusionPipeline folder")
     e.add_argument("--weights", required=True)
     e.add_argument("--out", default=str(DEFAULT_BASE))
@@ -329,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     base = Path(a.base)
     if a.cmd == "export":
         export(Path(a.weights), Path(a.out), base, a.guidance)
+        return
+    if a.cmd == "latents":
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        make_latents(base, a.n, Path(a.out), a.device, a.procs)
         return
     from dgq.tiny.models import ARCHS  # noqa: PLC0415
 
@@ -343,7 +412,9 @@ def main(argv: list[str] | None = None) -> None:
         train_size(a.worker, lat, base, out, a.seconds, a.batch, a.lr, a.device, a.seed, a.save_every, a.eval_n,
                    schedule=a.schedule, keep_saves=a.keep_saves,
                    eval_guidance=tuple(float(g) for g in a.eval_guidance.split(",") if g),
-                   init=Path(a.init) if a.init else None)
+                   init=Path(a.init) if a.init else None, p_uncond=a.p_uncond, uncond=a.uncond,
+                   distill_below=a.distill_below, t_sampling=a.t_sampling, ema_decay=a.ema_decay,
+                   eval_seed=a.eval_seed, t_max=a.t_max)
         return
     if a.init and len(sizes) != 1:
         p.error("--init continues one size: give exactly one in --sizes")
@@ -355,7 +426,11 @@ def main(argv: list[str] | None = None) -> None:
                "--seconds", str(a.seconds), "--batch", str(a.batch), "--lr", str(a.lr),
                "--save-every", str(a.save_every), "--eval-n", str(a.eval_n), "--device", a.device,
                "--base", str(base), "--out", str(out), "--latents", str(lat), "--seed", str(a.seed),
-               "--schedule", a.schedule, "--eval-guidance", a.eval_guidance] + (["--keep-saves"] if a.keep_saves else [])
+               "--schedule", a.schedule, "--eval-guidance", a.eval_guidance, "--p-uncond", str(a.p_uncond),
+               "--uncond", a.uncond, "--distill-below", str(a.distill_below), "--t-sampling", a.t_sampling,
+               "--ema-decay", str(a.ema_decay)] + (["--keep-saves"] if a.keep_saves else [])
+        cmd += ["--eval-seed", str(a.eval_seed)] if a.eval_seed is not None else []
+        cmd += ["--t-max", str(a.t_max)] if a.t_max is not None else []
         cmd += ["--init", a.init] if a.init else []
         procs.append((s, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})))
     failed = [(s, pr.wait()) for s, pr in procs]
