@@ -24,8 +24,8 @@ Layout of the output folder ``D``::
     .ranks/done.<r>.json             "rank r has finished its share" (the file barrier)
     results.json / .csv / .md        rewritten after each scored setting
 
-Resuming: a batch whose images all exist and whose log line carries the current fingerprint (model,
-steps, guidance, dtype, device type, config, calibration checksum, prompts, seeds) is skipped;
+Resuming: a batch whose images all exist and whose log line carries the current fingerprint (model
+and a hash of its weights, steps, guidance, dtype, device type, config, calibration checksum, prompts, seeds) is skipped;
 anything else is regenerated. Sharding: with ``RANK``/``WORLD_SIZE`` in the environment (``torchrun``,
 ``accelerate launch --multi_gpu``) rank ``r`` takes the batches ``k`` with ``k % WORLD_SIZE == r``;
 rank 0 then waits until every planned image is on disk and scores. See docs/evaluation.md.
@@ -270,8 +270,8 @@ def _sha(obj: Any) -> str:
 
 def setting_fingerprint(plan_info: dict[str, Any], setting: Setting) -> str:
     """Everything besides prompts and seeds that changes a setting's images."""
-    keys = ("model", "steps", "guidance", "dtype", "device_type", "weight_search", "scheduler", "resolution",
-            "batch_size")
+    keys = ("model", "weights", "steps", "guidance", "dtype", "device_type", "weight_search", "scheduler",
+            "resolution", "batch_size")
     d = {k: plan_info.get(k) for k in keys}
     d["config"] = setting.config.to_dict()
     if not setting.is_fp:
@@ -468,13 +468,17 @@ def _calibration(pipe, opts: Options, out: Path):
 def _plan_info(opts: Options, pipe, plan: Plan, settings: list[Setting], calib, prompts_sha: str) -> dict[str, Any]:
     import torch  # noqa: PLC0415
 
-    from dgq.studio import resolution_of  # noqa: PLC0415
+    from dgq.studio import resolution_of, weights_fingerprint  # noqa: PLC0415
 
     dev = next(pipe.unet.parameters()).device
+    # a model retrained or edited in place keeps its name: without this an FP setting (no
+    # calibration checksum) would resume from the old weights' images
+    weights = "-".join(weights_fingerprint(m) for m in (pipe.unet, pipe.text_encoder, pipe.vae))
     info: dict[str, Any] = {
         "version": RESULTS_VERSION,
         "model": str(getattr(pipe, "dgq_model_id", opts.model)),
         "model_arg": opts.model,
+        "weights": weights,
         "preset": opts.preset,
         "prompts_file": opts.prompts_file,
         "prompts_sha": prompts_sha,

@@ -133,10 +133,12 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shar
 _OPENMP = ["-fopenmp"]
 # Maps smaller than this run on one thread: waking the pool costs more than it saves.
 PARALLEL_MIN = 1 << 10
-# Above this many elements the kernels give way to PyTorch's multi-threaded eager ops when more
-# than one thread is allowed (SD-scale maps on a many-core machine), OpenMP build or not.
+# Above this many elements a serial build gives way to PyTorch's multi-threaded eager ops when
+# more than one thread is allowed (SD-scale maps on a many-core machine); an OpenMP build splits
+# such maps over the same threads itself (`benchmarks/bench_kernels.py` compares the two).
 SINGLE_THREAD_MAX = 1 << 20
 _lib: ctypes.CDLL | None = None
+_parallel = False  # whether the loaded build uses OpenMP
 _tried = False
 _lock = threading.Lock()
 
@@ -151,8 +153,9 @@ def _cpu_tag() -> str:
     return f"{platform.machine()}|{model}|{flags}"
 
 
-def _build(folder: Path) -> Path | None:
-    """Compile (OpenMP first, then serial) into `folder`, or reuse an earlier build."""
+def _build(folder: Path) -> tuple[Path, bool] | None:
+    """Compile (OpenMP first, then serial) into `folder`, or reuse an earlier build: (library,
+    built with OpenMP)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
@@ -162,7 +165,7 @@ def _build(folder: Path) -> Path | None:
         key = hashlib.sha256("\n".join([_SOURCE, " ".join(flags), _cpu_tag()]).encode()).hexdigest()[:16]
         lib = folder / f"dgq_kernels_{key}.so"
         if lib.exists():
-            return lib
+            return lib, bool(extra)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
@@ -170,7 +173,7 @@ def _build(folder: Path) -> Path | None:
             res = subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=120)
             if res.returncode == 0:
                 os.replace(out, lib)  # atomic: a concurrent builder either sees the whole file or none
-                return lib
+                return lib, bool(extra)
             err = res.stderr.strip()[:500]
     log.warning("fused CPU kernels not built (%s): %s", cc, err)
     return None
@@ -184,7 +187,7 @@ def threads_for(numel: int) -> int:
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (no compiler, build failed, or DGQ_KERNELS=0)."""
-    global _lib, _tried
+    global _lib, _tried, _parallel
     if _tried:
         return _lib
     with _lock:
@@ -194,8 +197,9 @@ def library() -> ctypes.CDLL | None:
             from dgq.studio import cache_dir  # noqa: PLC0415
 
             try:
-                path = _build(cache_dir() / "kernels")
-                if path is not None:
+                built = _build(cache_dir() / "kernels")
+                if built is not None:
+                    path, parallel = built
                     lib = ctypes.CDLL(str(path))
                     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
                     ci = ctypes.c_int
@@ -205,7 +209,7 @@ def library() -> ctypes.CDLL | None:
                     lib.dgq_log_quant.restype = None
                     lib.dgq_log_quant_dynamic.argtypes = [p, i64, i64, i64, ci, f32, f32, f32, ci, p, p, ci]
                     lib.dgq_log_quant_dynamic.restype = None
-                    _lib = lib
+                    _lib, _parallel = lib, parallel
             except (OSError, subprocess.SubprocessError) as e:
                 log.warning("fused CPU kernels unavailable: %s", e)
                 _lib = None
@@ -217,11 +221,16 @@ def available() -> bool:
     return library() is not None
 
 
+def parallel_build() -> bool:
+    """Whether the loaded kernels were built with OpenMP (False when none are loaded)."""
+    return library() is not None and _parallel
+
+
 def usable(t: torch.Tensor) -> bool:
-    """Whether the kernels take this tensor: CPU fp32 with no autograd, and small enough or
-    only one thread allowed."""
+    """Whether the kernels take this tensor: CPU fp32 with no autograd, and an OpenMP build,
+    a map small enough, or only one thread allowed."""
     return (t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
-            and (t.numel() <= SINGLE_THREAD_MAX or torch.get_num_threads() == 1))
+            and (t.numel() <= SINGLE_THREAD_MAX or torch.get_num_threads() == 1 or parallel_build()))
 
 
 def log_quant_dynamic_(p: torch.Tensor, bits: int, per_sample: bool, skip_first: bool) -> torch.Tensor | None:

@@ -183,6 +183,27 @@ def test_resume_redoes_only_missing_work(inputs, single_run, tmp_path):
     assert _metrics_without_timing(_results(out)) == _metrics_without_timing(_results(single_run))
 
 
+def test_a_model_changed_in_place_is_regenerated_not_resumed(inputs, tmp_path):
+    """Same model path, new weights: the FP setting (which has no calibration checksum) and the
+    quantized one are both made again."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(inputs / "model", model)
+    out = tmp_path / "run"
+    args = eval_args(inputs, out, "--settings", "fp", "--metrics", "psnr")
+    args[args.index("--model") + 1] = str(model)
+    assert main(args) == 0
+    log_fp = (out / "fp" / "log.rank0.jsonl").read_text()
+    assert main(args) == 0 and (out / "fp" / "log.rank0.jsonl").read_text() == log_fp  # unchanged: resumed
+    f = model / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    sd["conv_out.bias"] = sd["conv_out.bias"] + 0.5
+    save_file(sd, str(f))
+    assert main(args) == 0
+    assert len((out / "fp" / "log.rank0.jsonl").read_text().splitlines()) == 2 * len(log_fp.splitlines())
+
+
 def test_sharded_run_equals_single_process(inputs, single_run, tmp_path):
     out = tmp_path / "sharded"
     env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", PYTHONPATH=str(ROOT))

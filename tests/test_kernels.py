@@ -132,18 +132,26 @@ def test_kernels_switch_off_with_the_environment(monkeypatch):
 
 
 @needs_kernels
-def test_large_tensors_use_the_threaded_eager_ops(monkeypatch):
+@pytest.mark.parametrize("openmp", [False, True])
+def test_large_tensors_go_to_the_threaded_eager_ops_only_from_a_serial_build(monkeypatch, openmp):
+    """A serial build leaves maps above SINGLE_THREAD_MAX to PyTorch's threaded ops when more
+    than one thread is allowed; an OpenMP build splits them itself."""
+    import dgq.quantizer as Q
+
     monkeypatch.setattr(K, "SINGLE_THREAD_MAX", 100)
+    monkeypatch.setattr(K, "_parallel", openmp)
+    monkeypatch.setattr(Q, "_LAYOUTS", {})
+    assert K.parallel_build() is openmp
     x = torch.randn(2, 10, 8)  # 160 elements
     q = ActQuant(8, "channel", torch.rand(8) + 0.1, torch.full((8,), 128.0))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        apply_act(x, q, "linear")
-        assert next(iter(q._by_input.values()))[1] is None
+        y = apply_act(x, q, "linear")
+        assert (next(iter(q._by_input.values()))[1] is not None) is openmp
         torch.set_num_threads(1)
         q1 = ActQuant(8, "channel", q.scale, q.zero)
-        apply_act(x, q1, "linear")
+        assert torch.equal(apply_act(x, q1, "linear"), y)
         assert next(iter(q1._by_input.values()))[1] is not None
     finally:
         torch.set_num_threads(threads)

@@ -88,10 +88,35 @@ def test_paired_unconditional_training_with_distillation_runs_and_records_itself
     assert "single_color" in meta["curve"][-1]["g7.5"] or "background" in meta["curve"][-1]["g7.5"]
 
 
+def test_guidance_aware_training_moves_the_conditional_target_only_at_low_noise(latents, tmp_path, monkeypatch):
+    """With guided=(S, E) the conditional branch's target below guided_below / 2 is
+    v_u + (E/S)(v - v_u), so guidance S reproduces v_u + E(v - v_u); above guided_below it is v."""
+    seen = []
+    real = T.F.mse_loss
+
+    def spy(pred, target):
+        seen.append((pred.detach().clone(), target.detach().clone()))
+        return real(pred, target)
+
+    monkeypatch.setattr(T.F, "mse_loss", spy)
+    T.train_size("s", latents, T.DEFAULT_BASE, tmp_path, seconds=0.5, batch=6, lr=0.0, device="cpu", seed=0,
+                 save_every=1e9, eval_n=0, uncond="paired", guided=(7.5, 2.0), guided_below=700,
+                 t_sampling="uniform")
+    assert _meta(tmp_path / "s.safetensors")["guided"] == [7.5, 2.0]
+    (pc, target_c), (pu, target_u) = seen[0], seen[1]
+    # the unconditional branch keeps the sampled v; recover v and t-weights from the two targets
+    v = target_u
+    w = ((target_c - v) / ((pu + (2.0 / 7.5) * (v - pu)) - v)).flatten(1).median(1).values
+    assert torch.isfinite(w).any()
+    assert ((w > -1e-3) & (w < 1 + 1e-3))[torch.isfinite(w)].all()
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"uncond": "both"}, "uncond must be"),
     ({"t_sampling": "low"}, "t_sampling must be"),
     ({"distill_below": 500}, "needs uncond='paired'"),
+    ({"guided": (7.5, 2.0)}, "needs uncond='paired'"),
+    ({"uncond": "paired", "guided": (1.0, 2.0)}, "S > 1"),
 ])
 def test_bad_training_options_are_clear_errors(latents, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -93,6 +93,18 @@ def make_latents(base: Path, n: int, out: Path, device: str, procs: int, chunk: 
 
 
 # ----------------------------------------------------------------------------- one size
+_RUN_KEYS = ("samples", "seconds", "lr", "batch", "n_latents")
+# recorded when the saved weights have them (older saves do not): how the run trained
+_RUN_OPTIONAL = ("device", "uncond", "p_uncond", "distill_below", "guided", "guided_below", "t_sampling", "t_max")
+
+
+def _run_record(meta: dict) -> dict:
+    """One training run as `training.json` and the weights' history list it."""
+    rec = {k: meta[k] for k in _RUN_KEYS}
+    rec.update({k: meta[k] for k in _RUN_OPTIONAL if meta.get(k) is not None})
+    return rec
+
+
 def _save_ema(unet_ema, text_ema, path: Path, meta: dict) -> None:
     from dgq.tiny.train import _atomic_save  # noqa: PLC0415 - not at import: render workers stay light
 
@@ -119,7 +131,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                ema_decay: float = 0.9995, schedule: str = "cosine", keep_saves: bool = False,
                eval_guidance: tuple[float, ...] = (7.5,), init: Path | None = None,
                uncond: str = "dropout", distill_below: int = 0, t_sampling: str = "mixed",
-               eval_seed: int | None = None, t_max: int | None = None) -> None:
+               eval_seed: int | None = None, t_max: int | None = None,
+               guided: tuple[float, float] | None = None, guided_below: int = 700, warmup: int = 300) -> None:
     """Train one size for `seconds` of wall-clock time; write `out/<size>.safetensors` as it goes.
 
     `uncond` chooses how the unconditional branch (the one classifier-free guidance subtracts)
@@ -136,6 +149,15 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     estimate with far less variance than one sampled target, and it is exactly the
     disagreement guidance amplifies that this term drives down.
 
+    `guided` = (S, E) (paired only): below t = guided_below / 2 the conditional branch is
+    trained onto v_u + (E / S)·(v − v_u) (v_u the unconditional prediction, stop-gradient),
+    blending back to v at t = guided_below, so that guidance S acts there like guidance E: the
+    guided prediction v_u + S·(v_c − v_u) becomes v_u + E·(v − v_u). Why: on flat CSS colours
+    even an exact unconditional branch is unsure of the colour at these noise levels, and
+    guidance 7.5 overshoots the caption's colour by 6.5 times that doubt, clipping orange to red
+    (README, "The embedded model"). Guidance stays S where the layout is chosen. The price: at
+    scales well below S the late steps lean towards the unconditional prediction.
+
     `t_sampling`: "mixed" draws half of each batch from the noisier 70 % of timesteps (where
     layout and colour are decided), "uniform" draws all of it uniformly. `eval_seed`: renderer
     seed of the first quick-score prompt (default: the report's held-out prompts; pass the
@@ -148,6 +170,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
         raise ValueError(f"t_sampling must be 'mixed' or 'uniform', not {t_sampling!r}")
     if t_max is not None and (t_sampling != "uniform" or not 0 < t_max <= 1000):
         raise ValueError("t_max needs t_sampling='uniform' and 0 < t_max <= 1000")
+    if guided is not None and (uncond != "paired" or distill_below or not guided[0] > 1 or not guided[1] > 0):
+        raise ValueError("guided=(S, E) needs uncond='paired', no distill_below, S > 1 and E > 0")
     if distill_below and uncond != "paired":
         raise ValueError("distill_below needs uncond='paired' (both branches on the same noised latent)")
     import copy  # noqa: PLC0415
@@ -201,8 +225,7 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     prompts = [sample(first_seed + i)[1] for i in range(eval_n)]
 
     step, samples, t0, last_save = 0, 0, time.time(), time.time()
-    history = prior.get("history", []) + ([{k: prior[k] for k in ("samples", "seconds", "lr", "batch", "n_latents")}]
-                                          if prior else [])
+    history = prior.get("history", []) + ([_run_record(prior)] if prior else [])
     losses: list[torch.Tensor] = []
     curve: list[dict] = []
 
@@ -215,7 +238,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                 "n_latents": n, "device": torch.cuda.get_device_name() if device == "cuda" else device,
                 "ema_decay": ema_decay, "p_uncond": p_uncond, "seed": seed, "uncond": uncond,
                 "distill_below": distill_below, "t_sampling": t_sampling, "eval_seed": first_seed,
-                "t_max": t_max}
+                "t_max": t_max, "warmup": warmup, "guided": list(guided) if guided else None,
+                "guided_below": guided_below if guided else None}
         keys = ("single_color", "single_shape", "single_position", "pair_colors", "background")
         point: dict = {"samples": samples, "seconds": round(el)}
         for g in eval_guidance if eval_n else ():
@@ -239,7 +263,7 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
             break
         frac = el / seconds
         decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0
-        cur = lr * min(1.0, (step + 1) / 300) * decay
+        cur = lr * min(1.0, (step + 1) / max(warmup, 1)) * decay
         for g in opt.param_groups:
             g["lr"] = cur
         idx = torch.randint(0, n, (batch,), device=device, generator=gen)
@@ -270,7 +294,12 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
             if distill_below:
                 w = ((distill_below - t.float()) / (distill_below / 2)).clamp(0, 1).view(-1, 1, 1, 1)
                 target_u = v + w * (pc.detach() - v)
-            loss = 0.5 * (F.mse_loss(pc, v) + F.mse_loss(pu, target_u))
+            target_c = v
+            if guided is not None:
+                w = ((guided_below - t.float()) / (guided_below / 2)).clamp(0, 1).view(-1, 1, 1, 1)
+                ud = pu.detach()
+                target_c = v + w * (ud + (guided[1] / guided[0]) * (v - ud) - v)
+            loss = 0.5 * (F.mse_loss(pc, target_c) + F.mse_loss(pu, target_u))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -327,7 +356,7 @@ def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float 
         (staging / "dgq_defaults.json").write_text(json.dumps({"guidance": float(guidance)}, indent=1))
     elif (base / "dgq_defaults.json").exists():
         (staging / "dgq_defaults.json").write_text((base / "dgq_defaults.json").read_text())
-    runs = meta.get("history", []) + [{k: meta[k] for k in ("samples", "seconds", "lr", "batch", "n_latents")}]
+    runs = meta.get("history", []) + [_run_record(meta)]
     (staging / "training.json").write_text(json.dumps({
         "unet_samples": sum(r["samples"] for r in runs), "unet_seconds": sum(r["seconds"] for r in runs),
         "size": meta["size"], "runs": runs, "schedule": meta.get("schedule", "cosine"),
@@ -373,6 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--distill-below", type=int, default=0,
                    help="paired: the unconditional branch follows the conditional one below this t / 2 (0: off)")
     t.add_argument("--t-sampling", choices=["mixed", "uniform"], default="mixed")
+    t.add_argument("--guided", default=None, metavar="S:E",
+                   help="paired: at low noise train the conditional branch so that guidance S acts like E")
+    t.add_argument("--guided-below", type=int, default=700, help="--guided applies below this t (ramped from t/2)")
+    t.add_argument("--warmup", type=int, default=300, help="linear learning-rate warm-up steps")
     t.add_argument("--t-max", type=int, default=None, help="uniform: draw timesteps below this one only")
     t.add_argument("--ema-decay", type=float, default=0.9995)
     t.add_argument("--eval-seed", type=int, default=None,
@@ -414,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
                    eval_guidance=tuple(float(g) for g in a.eval_guidance.split(",") if g),
                    init=Path(a.init) if a.init else None, p_uncond=a.p_uncond, uncond=a.uncond,
                    distill_below=a.distill_below, t_sampling=a.t_sampling, ema_decay=a.ema_decay,
-                   eval_seed=a.eval_seed, t_max=a.t_max)
+                   eval_seed=a.eval_seed, t_max=a.t_max, guided_below=a.guided_below, warmup=a.warmup,
+                   guided=tuple(float(v) for v in a.guided.split(":")) if a.guided else None)
         return
     if a.init and len(sizes) != 1:
         p.error("--init continues one size: give exactly one in --sizes")
@@ -431,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
                "--ema-decay", str(a.ema_decay)] + (["--keep-saves"] if a.keep_saves else [])
         cmd += ["--eval-seed", str(a.eval_seed)] if a.eval_seed is not None else []
         cmd += ["--t-max", str(a.t_max)] if a.t_max is not None else []
+        cmd += ["--guided", a.guided, "--guided-below", str(a.guided_below)] if a.guided else []
+        cmd += ["--warmup", str(a.warmup)]
         cmd += ["--init", a.init] if a.init else []
         procs.append((s, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})))
     failed = [(s, pr.wait()) for s, pr in procs]
