@@ -76,6 +76,9 @@ def test_unknown_size_is_a_clear_error():
         make_unet("xl")
     with pytest.raises(SystemExit):
         T.main(["train", "--sizes", "s,xl", "--out", "/nonexistent"])
+    for bad in ("7.5", "a:b", "1:2"):
+        with pytest.raises(SystemExit):
+            T.main(["train", "--sizes", "s", "--guided", bad, "--out", "/nonexistent"])
 
 
 def test_paired_unconditional_training_with_distillation_runs_and_records_itself(latents, tmp_path):

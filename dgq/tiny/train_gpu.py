@@ -146,8 +146,9 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     onto the conditional prediction (stop-gradient) instead of the sampled v, blending back to
     the sampled v at t = distill_below. Where the noised latent already shows what the caption
     says, both branches estimate the same E[v | x_t]; the conditional prediction is that
-    estimate with far less variance than one sampled target, and it is exactly the
-    disagreement guidance amplifies that this term drives down.
+    estimate with far less variance than one sampled target. It drives down the part of the
+    disagreement that is the unconditional branch's own error, not the part an exact model has
+    too (what `guided` addresses).
 
     `guided` = (S, E) (paired only): below t = guided_below / 2 the conditional branch is
     trained onto v_u + (E / S)·(v − v_u) (v_u the unconditional prediction, stop-gradient),
@@ -425,6 +426,13 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     base = Path(a.base)
+    if getattr(a, "guided", None):
+        try:
+            scale, eff = (float(v) for v in a.guided.split(":"))
+        except ValueError:
+            p.error(f"--guided {a.guided!r}: expected S:E, two numbers such as 7.5:2")
+        if not (scale > 1 and eff > 0):
+            p.error(f"--guided {a.guided!r}: needs S > 1 and E > 0")
     if a.cmd == "export":
         export(Path(a.weights), Path(a.out), base, a.guidance)
         return
