@@ -25,10 +25,10 @@ Layout of the output folder ``D``::
     results.json / .csv / .md        rewritten after each scored setting
 
 Resuming: a batch whose images all exist and whose log line carries the current fingerprint (model
-and a hash of its weights, steps, guidance, dtype, device type, config, calibration checksum, prompts, seeds) is skipped;
-anything else is regenerated. Sharding: with ``RANK``/``WORLD_SIZE`` in the environment (``torchrun``,
-``accelerate launch --multi_gpu``) rank ``r`` takes the batches ``k`` with ``k % WORLD_SIZE == r``;
-rank 0 then waits until every planned image is on disk and scores. See docs/evaluation.md.
+and a hash of its weights, steps, guidance, dtype, device type, config, calibration checksum,
+prompts, seeds) is skipped; anything else is regenerated. Sharding: with ``RANK``/``WORLD_SIZE`` in
+the environment (``torchrun``, ``accelerate launch --multi_gpu``) rank ``r`` takes the batches ``k``
+with ``k % WORLD_SIZE == r``; rank 0 then waits until every planned image is on disk and scores. See docs/evaluation.md.
 """
 
 from __future__ import annotations

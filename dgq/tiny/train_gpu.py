@@ -105,6 +105,17 @@ def _run_record(meta: dict) -> dict:
     return rec
 
 
+def _check_guided(guided: tuple[float, ...]) -> None:
+    """(S, E) of `train_size(guided=…)`: guidance S is to act like E at low noise."""
+    if len(guided) != 2 or not guided[0] > 1 or not guided[1] > 0:
+        raise ValueError(f"guided=(S, E) needs two numbers, S > 1 and E > 0, not {guided!r}")
+
+
+def _ramp(t: torch.Tensor, below: int) -> torch.Tensor:
+    """Per-sample weight [B, 1, 1, 1]: 1 below t = below / 2, falling linearly to 0 at `below`."""
+    return ((below - t.float()) / (below / 2)).clamp(0, 1).view(-1, 1, 1, 1)
+
+
 def _save_ema(unet_ema, text_ema, path: Path, meta: dict) -> None:
     from dgq.tiny.train import _atomic_save  # noqa: PLC0415 - not at import: render workers stay light
 
@@ -171,8 +182,10 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
         raise ValueError(f"t_sampling must be 'mixed' or 'uniform', not {t_sampling!r}")
     if t_max is not None and (t_sampling != "uniform" or not 0 < t_max <= 1000):
         raise ValueError("t_max needs t_sampling='uniform' and 0 < t_max <= 1000")
-    if guided is not None and (uncond != "paired" or distill_below or not guided[0] > 1 or not guided[1] > 0):
-        raise ValueError("guided=(S, E) needs uncond='paired', no distill_below, S > 1 and E > 0")
+    if guided is not None:
+        _check_guided(guided)
+        if uncond != "paired" or distill_below:
+            raise ValueError("guided=(S, E) needs uncond='paired' and no distill_below")
     if distill_below and uncond != "paired":
         raise ValueError("distill_below needs uncond='paired' (both branches on the same noised latent)")
     import copy  # noqa: PLC0415
@@ -293,13 +306,11 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
             pc, pu = pred.float().chunk(2)
             target_u = v
             if distill_below:
-                w = ((distill_below - t.float()) / (distill_below / 2)).clamp(0, 1).view(-1, 1, 1, 1)
-                target_u = v + w * (pc.detach() - v)
+                target_u = v + _ramp(t, distill_below) * (pc.detach() - v)
             target_c = v
             if guided is not None:
-                w = ((guided_below - t.float()) / (guided_below / 2)).clamp(0, 1).view(-1, 1, 1, 1)
                 ud = pu.detach()
-                target_c = v + w * (ud + (guided[1] / guided[0]) * (v - ud) - v)
+                target_c = v + _ramp(t, guided_below) * (ud + (guided[1] / guided[0]) * (v - ud) - v)
             loss = 0.5 * (F.mse_loss(pc, target_c) + F.mse_loss(pu, target_u))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -426,13 +437,13 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     base = Path(a.base)
+    guided = None
     if getattr(a, "guided", None):
         try:
-            scale, eff = (float(v) for v in a.guided.split(":"))
-        except ValueError:
-            p.error(f"--guided {a.guided!r}: expected S:E, two numbers such as 7.5:2")
-        if not (scale > 1 and eff > 0):
-            p.error(f"--guided {a.guided!r}: needs S > 1 and E > 0")
+            guided = tuple(float(v) for v in a.guided.split(":"))
+            _check_guided(guided)
+        except ValueError as e:
+            p.error(f"--guided {a.guided!r}: expected S:E with S > 1 and E > 0, such as 7.5:2 ({e})")
     if a.cmd == "export":
         export(Path(a.weights), Path(a.out), base, a.guidance)
         return
@@ -456,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
                    init=Path(a.init) if a.init else None, p_uncond=a.p_uncond, uncond=a.uncond,
                    distill_below=a.distill_below, t_sampling=a.t_sampling, ema_decay=a.ema_decay,
                    eval_seed=a.eval_seed, t_max=a.t_max, guided_below=a.guided_below, warmup=a.warmup,
-                   guided=tuple(float(v) for v in a.guided.split(":")) if a.guided else None)
+                   guided=guided)
         return
     if a.init and len(sizes) != 1:
         p.error("--init continues one size: give exactly one in --sizes")
