@@ -114,12 +114,48 @@ def test_guidance_aware_training_moves_the_conditional_target_only_at_low_noise(
     assert ((w > -1e-3) & (w < 1 + 1e-3))[torch.isfinite(w)].all()
 
 
+def test_teacher_targets_damp_the_conditional_branch_and_start_from_an_exported_folder(latents, tmp_path,
+                                                                                        monkeypatch):
+    """With a teacher both targets are the teacher's predictions; with guided=(S, E), below
+    guided_full the conditional one is v_u + (E/S)(v_c - v_u). An exported folder serves as
+    init and teacher: the student then starts equal to the teacher."""
+    T.train_size("s", latents, T.DEFAULT_BASE, tmp_path, seconds=1.0, batch=4, lr=1e-3, device="cpu", seed=0,
+                 save_every=1e9, eval_n=0)
+    folder = tmp_path / "exported"
+    T.export(tmp_path / "s.safetensors", folder)
+    unet_sd, text_sd, size, history = T.load_weights(folder)
+    assert size == "s" and len(history) == 1 and history[0]["samples"] == _meta(tmp_path / "s.safetensors")["samples"]
+    seen = []
+    real = T.F.mse_loss
+
+    def spy(pred, target):
+        seen.append((pred.detach().clone(), target.detach().clone()))
+        return real(pred, target)
+
+    monkeypatch.setattr(T.F, "mse_loss", spy)
+    run = tmp_path / "student"
+    run.mkdir()
+    T.train_size("s", latents, T.DEFAULT_BASE, run, seconds=0.5, batch=3, lr=0.0, device="cpu", seed=0,
+                 save_every=1e9, eval_n=0, uncond="paired", guided=(7.5, 2.0), guided_below=700, guided_full=600,
+                 t_sampling="uniform", t_max=500, init=folder, teacher=folder)
+    meta = _meta(run / "s.safetensors")
+    assert meta["teacher"] == str(folder) and meta["guided_full"] == 600 and meta["total_samples"] > meta["samples"]
+    (pc, target_c), (pu, target_u) = seen[0], seen[1]
+    torch.testing.assert_close(target_u, pu, atol=1e-5, rtol=1e-5)  # student == teacher at the start
+    torch.testing.assert_close(target_c, pu + (2.0 / 7.5) * (pc - pu), atol=1e-5, rtol=1e-5)
+    assert (pc - pu).abs().max() > 1e-3  # the branches differ, so the check above is not vacuous
+    with pytest.raises(ValueError, match="without training.json"):
+        T.load_weights(tmp_path)
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"uncond": "both"}, "uncond must be"),
     ({"t_sampling": "low"}, "t_sampling must be"),
     ({"distill_below": 500}, "needs uncond='paired'"),
     ({"guided": (7.5, 2.0)}, "needs uncond='paired'"),
     ({"uncond": "paired", "guided": (1.0, 2.0)}, "S > 1"),
+    ({"teacher": "assets/tiny-sd"}, "teacher needs uncond='paired'"),
+    ({"uncond": "paired", "guided": (7.5, 2.0), "guided_full": 800}, "guided_full must lie"),
 ])
 def test_bad_training_options_are_clear_errors(latents, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -95,7 +95,8 @@ def make_latents(base: Path, n: int, out: Path, device: str, procs: int, chunk: 
 # ----------------------------------------------------------------------------- one size
 _RUN_KEYS = ("samples", "seconds", "lr", "batch", "n_latents")
 # recorded when the saved weights have them (older saves do not): how the run trained
-_RUN_OPTIONAL = ("device", "uncond", "p_uncond", "distill_below", "guided", "guided_below", "t_sampling", "t_max")
+_RUN_OPTIONAL = ("device", "uncond", "p_uncond", "distill_below", "guided", "guided_below", "guided_full",
+                 "teacher", "t_sampling", "t_max")
 
 
 def _run_record(meta: dict) -> dict:
@@ -111,9 +112,35 @@ def _check_guided(guided: tuple[float, ...]) -> None:
         raise ValueError(f"guided=(S, E) needs two numbers, S > 1 and E > 0, not {guided!r}")
 
 
-def _ramp(t: torch.Tensor, below: int) -> torch.Tensor:
-    """Per-sample weight [B, 1, 1, 1]: 1 below t = below / 2, falling linearly to 0 at `below`."""
-    return ((below - t.float()) / (below / 2)).clamp(0, 1).view(-1, 1, 1, 1)
+def _ramp(t: torch.Tensor, below: int, full: float | None = None) -> torch.Tensor:
+    """Per-sample weight [B, 1, 1, 1]: 1 below t = `full` (default below / 2), falling linearly to 0 at `below`."""
+    full = below / 2 if full is None else full
+    return ((below - t.float()) / (below - full)).clamp(0, 1).view(-1, 1, 1, 1)
+
+
+def load_weights(path: Path) -> tuple[dict, dict, str, list[dict]]:
+    """UNet and text-encoder state dicts, size name and training history of `path`.
+
+    `path` is either a trainer save (`<size>.safetensors`, EMA weights + JSON metadata) or an
+    exported pipeline folder such as `assets/tiny-sd` (its `training.json` names the size and
+    the runs), so a fine-tune can start from the shipped model in a clean checkout.
+    """
+    path = Path(path)
+    if path.is_dir():
+        info_path = path / "training.json"
+        if not info_path.exists():
+            raise ValueError(f"{path} is a folder without training.json: not a model this trainer exported")
+        info = json.loads(info_path.read_text())
+        unet_sd = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+        text_sd = load_file(str(path / "text_encoder" / "model.safetensors"))
+        return ({k: v.float() for k, v in unet_sd.items()}, {k: v.float() for k, v in text_sd.items()},
+                info["size"], list(info["runs"]))
+    with safe_open(str(path), "pt") as f:
+        prior = json.loads(f.metadata()["json"])
+    sd = load_file(str(path))
+    return ({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")},
+            {k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")},
+            prior["size"], prior.get("history", []) + [_run_record(prior)])
 
 
 def _save_ema(unet_ema, text_ema, path: Path, meta: dict) -> None:
@@ -143,7 +170,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                eval_guidance: tuple[float, ...] = (7.5,), init: Path | None = None,
                uncond: str = "dropout", distill_below: int = 0, t_sampling: str = "mixed",
                eval_seed: int | None = None, t_max: int | None = None,
-               guided: tuple[float, float] | None = None, guided_below: int = 700, warmup: int = 300) -> None:
+               guided: tuple[float, float] | None = None, guided_below: int = 700, warmup: int = 300,
+               guided_full: float | None = None, teacher: Path | None = None) -> None:
     """Train one size for `seconds` of wall-clock time; write `out/<size>.safetensors` as it goes.
 
     `uncond` chooses how the unconditional branch (the one classifier-free guidance subtracts)
@@ -168,7 +196,17 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     even an exact unconditional branch is unsure of the colour at these noise levels, and
     guidance 7.5 overshoots the caption's colour by 6.5 times that doubt, clipping orange to red
     (README, "The embedded model"). Guidance stays S where the layout is chosen. The price: at
-    scales well below S the late steps lean towards the unconditional prediction.
+    scales well below S the late steps lean towards the unconditional prediction. `guided_full`
+    moves the t below which the blend is complete (default guided_below / 2); the scale switch
+    that works at sampling time sits near t = 650, so the blend must be complete there.
+
+    `teacher` (paired only; a save or an exported folder): both branches regress onto a frozen
+    teacher's predictions instead of the sampled v: the unconditional one onto the teacher's
+    v_u, the conditional one onto the teacher's v_c, or with `guided` onto
+    v_u + (E / S)·(v_c − v_u) at low noise. The targets are then exact functions of x_t, with
+    none of the sampled target's variance, so a CPU fine-tune of tens of thousands of samples
+    converges instead of levelling off far from the objective; the student starts at the
+    teacher and only has to learn where to damp its conditional branch.
 
     `t_sampling`: "mixed" draws half of each batch from the noisier 70 % of timesteps (where
     layout and colour are decided), "uniform" draws all of it uniformly. `eval_seed`: renderer
@@ -188,6 +226,10 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
             raise ValueError("guided=(S, E) needs uncond='paired' and no distill_below")
     if distill_below and uncond != "paired":
         raise ValueError("distill_below needs uncond='paired' (both branches on the same noised latent)")
+    if teacher is not None and (uncond != "paired" or distill_below):
+        raise ValueError("teacher needs uncond='paired' and no distill_below")
+    if guided_full is not None and not 0 <= guided_full < guided_below:
+        raise ValueError(f"guided_full must lie in [0, guided_below = {guided_below}), not {guided_full}")
     import copy  # noqa: PLC0415
 
     from diffusers import StableDiffusionPipeline  # noqa: PLC0415
@@ -209,16 +251,21 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     unet, text = make_unet(size), make_text_encoder(size)
-    prior: dict = {}
+    history: list[dict] = []
     if init is not None:  # continue from saved EMA weights (fresh optimizer and schedule)
-        with safe_open(str(init), "pt") as f:
-            prior = json.loads(f.metadata()["json"])
-        if prior["size"] != size:
-            raise ValueError(f"{init} holds size {prior['size']!r}, not {size!r}")
-        sd = load_file(str(init))
-        unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
-        text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
-        log.info("[%s] initialised from %s (%d samples)", size, init, prior["samples"])
+        unet_sd, text_sd, init_size, history = load_weights(init)
+        if init_size != size:
+            raise ValueError(f"{init} holds size {init_size!r}, not {size!r}")
+        unet.load_state_dict(unet_sd)
+        text.load_state_dict(text_sd)
+        log.info("[%s] initialised from %s (%d samples)", size, init, sum(h["samples"] for h in history))
+    teacher_nets = None
+    if teacher is not None:
+        t_unet_sd, t_text_sd, t_size, _ = load_weights(teacher)
+        t_unet, t_text = make_unet(t_size), make_text_encoder(t_size)
+        t_unet.load_state_dict(t_unet_sd)
+        t_text.load_state_dict(t_text_sd)
+        teacher_nets = (t_unet.to(device).eval().requires_grad_(False), t_text.to(device).eval().requires_grad_(False))
     unet, text = unet.to(device), text.to(device)
     params = list(unet.parameters()) + list(text.parameters())
     fused = {"fused": True} if device == "cuda" else {}
@@ -239,7 +286,6 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     prompts = [sample(first_seed + i)[1] for i in range(eval_n)]
 
     step, samples, t0, last_save = 0, 0, time.time(), time.time()
-    history = prior.get("history", []) + ([_run_record(prior)] if prior else [])
     losses: list[torch.Tensor] = []
     curve: list[dict] = []
 
@@ -253,7 +299,9 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                 "ema_decay": ema_decay, "p_uncond": p_uncond, "seed": seed, "uncond": uncond,
                 "distill_below": distill_below, "t_sampling": t_sampling, "eval_seed": first_seed,
                 "t_max": t_max, "warmup": warmup, "guided": list(guided) if guided else None,
-                "guided_below": guided_below if guided else None}
+                "guided_below": guided_below if guided else None,
+                "guided_full": guided_full if guided and guided_full is not None else None,
+                "teacher": str(teacher) if teacher is not None else None}
         keys = ("single_color", "single_shape", "single_position", "pair_colors", "background")
         point: dict = {"samples": samples, "seconds": round(el)}
         for g in eval_guidance if eval_n else ():
@@ -304,13 +352,23 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
                 pred = unet(torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=text(both)[0]).sample
             pc, pu = pred.float().chunk(2)
-            target_u = v
-            if distill_below:
-                target_u = v + _ramp(t, distill_below) * (pc.detach() - v)
-            target_c = v
-            if guided is not None:
-                ud = pu.detach()
-                target_c = v + _ramp(t, guided_below) * (ud + (guided[1] / guided[0]) * (v - ud) - v)
+            if teacher_nets is not None:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                    tp = teacher_nets[0](torch.cat([xt, xt]), torch.cat([t, t]),
+                                         encoder_hidden_states=teacher_nets[1](both)[0]).sample
+                target_c, target_u = tp.float().chunk(2)
+                if guided is not None:
+                    blend = target_u + (guided[1] / guided[0]) * (target_c - target_u)
+                    target_c = target_c + _ramp(t, guided_below, guided_full) * (blend - target_c)
+            else:
+                target_u = v
+                if distill_below:
+                    target_u = v + _ramp(t, distill_below) * (pc.detach() - v)
+                target_c = v
+                if guided is not None:
+                    ud = pu.detach()
+                    blend = ud + (guided[1] / guided[0]) * (v - ud)
+                    target_c = v + _ramp(t, guided_below, guided_full) * (blend - v)
             loss = 0.5 * (F.mse_loss(pc, target_c) + F.mse_loss(pu, target_u))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -417,6 +475,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--guided", default=None, metavar="S:E",
                    help="paired: at low noise train the conditional branch so that guidance S acts like E")
     t.add_argument("--guided-below", type=int, default=700, help="--guided applies below this t (ramped from t/2)")
+    t.add_argument("--guided-full", type=float, default=None,
+                   help="--guided is complete below this t (default: --guided-below / 2)")
+    t.add_argument("--teacher", default=None,
+                   help="paired: regress both branches onto this frozen model (a save or an exported folder)")
     t.add_argument("--warmup", type=int, default=300, help="linear learning-rate warm-up steps")
     t.add_argument("--t-max", type=int, default=None, help="uniform: draw timesteps below this one only")
     t.add_argument("--ema-decay", type=float, default=0.9995)
@@ -467,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
                    init=Path(a.init) if a.init else None, p_uncond=a.p_uncond, uncond=a.uncond,
                    distill_below=a.distill_below, t_sampling=a.t_sampling, ema_decay=a.ema_decay,
                    eval_seed=a.eval_seed, t_max=a.t_max, guided_below=a.guided_below, warmup=a.warmup,
-                   guided=guided)
+                   guided=guided, guided_full=a.guided_full, teacher=Path(a.teacher) if a.teacher else None)
         return
     if a.init and len(sizes) != 1:
         p.error("--init continues one size: give exactly one in --sizes")
@@ -485,6 +547,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--eval-seed", str(a.eval_seed)] if a.eval_seed is not None else []
         cmd += ["--t-max", str(a.t_max)] if a.t_max is not None else []
         cmd += ["--guided", a.guided, "--guided-below", str(a.guided_below)] if a.guided else []
+        cmd += ["--guided-full", str(a.guided_full)] if a.guided_full is not None else []
+        cmd += ["--teacher", a.teacher] if a.teacher else []
         cmd += ["--warmup", str(a.warmup)]
         cmd += ["--init", a.init] if a.init else []
         procs.append((s, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})))
