@@ -1,0 +1,72 @@
+"""The Markdown tables of docs/results.md, from the results.json that `paper_tables.sh` writes.
+
+    python benchmarks/results_tables.py runs/results/table2/results.json
+
+Prints the "Table 2 structure" and "Table 3 ablations" tables (rows in the order the document
+discusses them) and the FP row's per-attribute accuracies, so the document is regenerated from
+the run instead of being copied by hand. A setting the run lacks is an error, not a gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TABLE3 = ["tfmq:W4A6", "dgq:W4A6:K16:nolog:nostart:static", "dgq:W4A6:K16:nogroups", "dgq:W4A6:K16",
+          "dgq:W4A6:K16:axis=channel", "dgq:W4A6:K16:axis=pixel", "dgq:W4A6:K2", "dgq:W4A6:K8", "dgq:W8A8:K2",
+          "dgq:W4A6:K16:static", "dgq:W4A6:K16:nostart"]
+HEADER = ("| setting | W/A | align ↑ | colour ↑ | pair colours ↑ | domain FID ↓ | PSNR ↑ | SSIM ↑ | BOPs | size MB "
+          "| s/img |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _bops(b: float) -> str:
+    g = b / 1e9
+    return f"{g:.0f}G" if g >= 100 else f"{g:.1f}G"
+
+
+def _num(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def row(s: dict) -> str:
+    m = s["metrics"]
+    a = m["align"]
+    psnr = "ref" if s["setting"] == "fp" else _num(m.get("psnr"), ".2f")
+    ssim = "ref" if s["setting"] == "fp" else _num(m.get("ssim"), ".4f")
+    return (f"| {s['label']} | {min(s['w_bits'], 32)}/{min(s['a_bits'], 32)} | {a['all']:.3f} | "
+            f"{a['single_color']:.3f} | {a['pair_colors']:.3f} | {_num(m.get('domain_fid'), '.1f')} | {psnr} | "
+            f"{ssim} | {_bops(m['bops'])} | {m['size_mb']:.2f} | {m['latency_s']:.3f} |")
+
+
+def tables(results: dict) -> str:
+    by = {s["setting"]: s for s in results["settings"]}
+    order2 = ["fp"]
+    for wa in ("W8A8", "W8A6", "W4A8", "W4A6", "W4A4"):
+        order2 += [f"qdiff:{wa}", f"tfmq:{wa}", f"dgq:{wa}:K8", f"dgq:{wa}:K16"]
+    order2 += ["tfmq:W8A4", "dgq:W8A4:K16"]
+    missing = [k for k in order2 + TABLE3 if k not in by]
+    if missing:
+        raise SystemExit(f"results lack the settings {missing}: run benchmarks/paper_tables.sh to the end")
+    fp = by["fp"]["metrics"]["align"]
+    lines = [f"FP: align {fp['all']:.3f}, single-object colour / shape / position {fp['single_color']:.3f} / "
+             f"{fp['single_shape']:.3f} / {fp['single_position']:.3f}, pair colours {fp['pair_colors']:.3f} "
+             f"({fp['n_single']} single-object and {fp['n_pair']} two-object prompts)",
+             "", "## Table 2 structure", "", HEADER] + [row(by[k]) for k in order2]
+    lines += ["", "## Table 3 ablations", "", HEADER] + [row(by[k]) for k in TABLE3]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path, help="results.json of a paper_tables.sh run")
+    a = ap.parse_args(argv)
+    results = json.loads(a.results.read_text())
+    if not results.get("complete"):
+        print("warning: the run is not complete; rows may be missing", file=sys.stderr)
+    print(tables(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""benchmarks/results_tables.py: docs/results.md's tables come from a run's results.json."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("results_tables", ROOT / "benchmarks" / "results_tables.py")
+RT = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(RT)
+
+RESULTS = ROOT / "docs" / "results" / "results.json"
+
+
+def test_the_committed_tables_are_the_committed_results():
+    """Every table row of docs/results.md is what the script prints from docs/results/results.json."""
+    printed = [ln for ln in RT.tables(json.loads(RESULTS.read_text())).splitlines() if ln.startswith("| ")]
+    doc = [ln for ln in (ROOT / "docs" / "results.md").read_text().splitlines() if ln.startswith("| ")]
+    assert printed == doc
+
+
+def test_a_missing_setting_is_an_error_naming_it():
+    results = json.loads(RESULTS.read_text())
+    results["settings"] = [s for s in results["settings"] if s["setting"] != "dgq:W4A6:K2"]
+    with pytest.raises(SystemExit, match="dgq:W4A6:K2"):
+        RT.tables(results)
