@@ -137,13 +137,17 @@ def test_teacher_targets_damp_the_conditional_branch_and_start_from_an_exported_
     run.mkdir()
     T.train_size("s", latents, T.DEFAULT_BASE, run, seconds=0.5, batch=3, lr=0.0, device="cpu", seed=0,
                  save_every=1e9, eval_n=0, uncond="paired", guided=(7.5, 2.0), guided_below=700, guided_full=600,
-                 t_sampling="uniform", t_max=500, init=folder, teacher=folder)
+                 t_sampling="uniform", t_max=500, init=folder, teacher=folder, guided_weight=0.5)
     meta = _meta(run / "s.safetensors")
     assert meta["teacher"] == str(folder) and meta["guided_full"] == 600 and meta["total_samples"] > meta["samples"]
     (pc, target_c), (pu, target_u) = seen[0], seen[1]
     torch.testing.assert_close(target_u, pu, atol=1e-5, rtol=1e-5)  # student == teacher at the start
     torch.testing.assert_close(target_c, pu + (2.0 / 7.5) * (pc - pu), atol=1e-5, rtol=1e-5)
     assert (pc - pu).abs().max() > 1e-3  # the branches differ, so the check above is not vacuous
+    guided_pred, guided_target = seen[2]  # guided_weight: the error of the guided prediction itself
+    torch.testing.assert_close(guided_pred, pu + 7.5 * (pc - pu))
+    torch.testing.assert_close(guided_target, target_u + 7.5 * (target_c - target_u))
+    assert meta["guided_weight"] == 0.5
     with pytest.raises(ValueError, match="without training.json"):
         T.load_weights(tmp_path)
 
@@ -156,6 +160,7 @@ def test_teacher_targets_damp_the_conditional_branch_and_start_from_an_exported_
     ({"uncond": "paired", "guided": (1.0, 2.0)}, "S > 1"),
     ({"teacher": "assets/tiny-sd"}, "teacher needs uncond='paired'"),
     ({"uncond": "paired", "guided": (7.5, 2.0), "guided_full": 800}, "guided_full must lie"),
+    ({"uncond": "paired", "guided_weight": 1.0}, "guided_weight needs guided"),
 ])
 def test_bad_training_options_are_clear_errors(latents, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -96,7 +96,7 @@ def make_latents(base: Path, n: int, out: Path, device: str, procs: int, chunk: 
 _RUN_KEYS = ("samples", "seconds", "lr", "batch", "n_latents")
 # recorded when the saved weights have them (older saves do not): how the run trained
 _RUN_OPTIONAL = ("device", "uncond", "p_uncond", "distill_below", "guided", "guided_below", "guided_full",
-                 "teacher", "t_sampling", "t_max")
+                 "guided_weight", "teacher", "t_sampling", "t_max")
 
 
 def _run_record(meta: dict) -> dict:
@@ -171,7 +171,7 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                uncond: str = "dropout", distill_below: int = 0, t_sampling: str = "mixed",
                eval_seed: int | None = None, t_max: int | None = None,
                guided: tuple[float, float] | None = None, guided_below: int = 700, warmup: int = 300,
-               guided_full: float | None = None, teacher: Path | None = None) -> None:
+               guided_full: float | None = None, teacher: Path | None = None, guided_weight: float = 0.0) -> None:
     """Train one size for `seconds` of wall-clock time; write `out/<size>.safetensors` as it goes.
 
     `uncond` chooses how the unconditional branch (the one classifier-free guidance subtracts)
@@ -208,6 +208,12 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     converges instead of levelling off far from the objective; the student starts at the
     teacher and only has to learn where to damp its conditional branch.
 
+    `guided_weight` (with `guided`): adds guided_weight × the error of the guided prediction
+    v_u + S·(v_c − v_u) against the same combination of the targets. Sampling at scale S
+    multiplies the conditional branch's error by S and the unconditional one's by S − 1, so the
+    per-branch losses weigh the errors that matter 1/S² too little; this term weighs them as the
+    sampler sees them.
+
     `t_sampling`: "mixed" draws half of each batch from the noisier 70 % of timesteps (where
     layout and colour are decided), "uniform" draws all of it uniformly. `eval_seed`: renderer
     seed of the first quick-score prompt (default: the report's held-out prompts; pass the
@@ -228,6 +234,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
         raise ValueError("distill_below needs uncond='paired' (both branches on the same noised latent)")
     if teacher is not None and (uncond != "paired" or distill_below):
         raise ValueError("teacher needs uncond='paired' and no distill_below")
+    if guided_weight and guided is None:
+        raise ValueError("guided_weight needs guided=(S, E)")
     if guided_full is not None and not 0 <= guided_full < guided_below:
         raise ValueError(f"guided_full must lie in [0, guided_below = {guided_below}), not {guided_full}")
     import copy  # noqa: PLC0415
@@ -301,7 +309,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                 "t_max": t_max, "warmup": warmup, "guided": list(guided) if guided else None,
                 "guided_below": guided_below if guided else None,
                 "guided_full": guided_full if guided and guided_full is not None else None,
-                "teacher": str(teacher) if teacher is not None else None}
+                "teacher": str(teacher) if teacher is not None else None,
+                "guided_weight": guided_weight or None}
         keys = ("single_color", "single_shape", "single_position", "pair_colors", "background")
         point: dict = {"samples": samples, "seconds": round(el)}
         for g in eval_guidance if eval_n else ():
@@ -370,6 +379,9 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                     blend = ud + (guided[1] / guided[0]) * (v - ud)
                     target_c = v + _ramp(t, guided_below, guided_full) * (blend - v)
             loss = 0.5 * (F.mse_loss(pc, target_c) + F.mse_loss(pu, target_u))
+            if guided_weight:
+                s_ = guided[0]
+                loss = loss + guided_weight * F.mse_loss(pu + s_ * (pc - pu), target_u + s_ * (target_c - target_u))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -477,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--guided-below", type=int, default=700, help="--guided applies below this t (ramped from t/2)")
     t.add_argument("--guided-full", type=float, default=None,
                    help="--guided is complete below this t (default: --guided-below / 2)")
+    t.add_argument("--guided-weight", type=float, default=0.0,
+                   help="with --guided: weight of the guided prediction's own error (see train_size)")
     t.add_argument("--teacher", default=None,
                    help="paired: regress both branches onto this frozen model (a save or an exported folder)")
     t.add_argument("--warmup", type=int, default=300, help="linear learning-rate warm-up steps")
@@ -529,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
                    init=Path(a.init) if a.init else None, p_uncond=a.p_uncond, uncond=a.uncond,
                    distill_below=a.distill_below, t_sampling=a.t_sampling, ema_decay=a.ema_decay,
                    eval_seed=a.eval_seed, t_max=a.t_max, guided_below=a.guided_below, warmup=a.warmup,
-                   guided=guided, guided_full=a.guided_full, teacher=Path(a.teacher) if a.teacher else None)
+                   guided=guided, guided_full=a.guided_full, guided_weight=a.guided_weight, teacher=Path(a.teacher) if a.teacher else None)
         return
     if a.init and len(sizes) != 1:
         p.error("--init continues one size: give exactly one in --sizes")
@@ -549,6 +563,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--guided", a.guided, "--guided-below", str(a.guided_below)] if a.guided else []
         cmd += ["--guided-full", str(a.guided_full)] if a.guided_full is not None else []
         cmd += ["--teacher", a.teacher] if a.teacher else []
+        cmd += ["--guided-weight", str(a.guided_weight)] if a.guided_weight else []
         cmd += ["--warmup", str(a.warmup)]
         cmd += ["--init", a.init] if a.init else []
         procs.append((s, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})))
