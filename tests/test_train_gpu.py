@@ -91,9 +91,9 @@ def test_paired_unconditional_training_with_distillation_runs_and_records_itself
     assert "single_color" in meta["curve"][-1]["g7.5"] or "background" in meta["curve"][-1]["g7.5"]
 
 
-def test_guidance_aware_training_moves_the_conditional_target_only_at_low_noise(latents, tmp_path, monkeypatch):
-    """With guided=(S, E) the conditional branch's target below guided_below / 2 is
-    v_u + (E/S)(v - v_u), so guidance S reproduces v_u + E(v - v_u); above guided_below it is v."""
+@pytest.fixture
+def losses(monkeypatch):
+    """Every (prediction, target) pair the trainer's loss sees, in call order."""
     seen = []
     real = T.F.mse_loss
 
@@ -102,11 +102,17 @@ def test_guidance_aware_training_moves_the_conditional_target_only_at_low_noise(
         return real(pred, target)
 
     monkeypatch.setattr(T.F, "mse_loss", spy)
+    return seen
+
+
+def test_guidance_aware_training_moves_the_conditional_target_only_at_low_noise(latents, tmp_path, losses):
+    """With guided=(S, E) the conditional branch's target below guided_below / 2 is
+    v_u + (E/S)(v - v_u), so guidance S reproduces v_u + E(v - v_u); above guided_below it is v."""
     T.train_size("s", latents, T.DEFAULT_BASE, tmp_path, seconds=0.5, batch=6, lr=0.0, device="cpu", seed=0,
                  save_every=1e9, eval_n=0, uncond="paired", guided=(7.5, 2.0), guided_below=700,
                  t_sampling="uniform")
     assert _meta(tmp_path / "s.safetensors")["guided"] == [7.5, 2.0]
-    (pc, target_c), (pu, target_u) = seen[0], seen[1]
+    (pc, target_c), (pu, target_u) = losses[0], losses[1]
     # the unconditional branch keeps the sampled v; recover v and t-weights from the two targets
     v = target_u
     w = ((target_c - v) / ((pu + (2.0 / 7.5) * (v - pu)) - v)).flatten(1).median(1).values
@@ -114,8 +120,7 @@ def test_guidance_aware_training_moves_the_conditional_target_only_at_low_noise(
     assert ((w > -1e-3) & (w < 1 + 1e-3))[torch.isfinite(w)].all()
 
 
-def test_teacher_targets_damp_the_conditional_branch_and_start_from_an_exported_folder(latents, tmp_path,
-                                                                                        monkeypatch):
+def test_teacher_targets_damp_the_conditional_branch_and_start_from_an_exported_folder(latents, tmp_path, losses):
     """With a teacher both targets are the teacher's predictions; with guided=(S, E), below
     guided_full the conditional one is v_u + (E/S)(v_c - v_u). An exported folder serves as
     init and teacher: the student then starts equal to the teacher."""
@@ -125,14 +130,7 @@ def test_teacher_targets_damp_the_conditional_branch_and_start_from_an_exported_
     T.export(tmp_path / "s.safetensors", folder)
     unet_sd, text_sd, size, history = T.load_weights(folder)
     assert size == "s" and len(history) == 1 and history[0]["samples"] == _meta(tmp_path / "s.safetensors")["samples"]
-    seen = []
-    real = T.F.mse_loss
-
-    def spy(pred, target):
-        seen.append((pred.detach().clone(), target.detach().clone()))
-        return real(pred, target)
-
-    monkeypatch.setattr(T.F, "mse_loss", spy)
+    losses.clear()  # only the student's losses below
     run = tmp_path / "student"
     run.mkdir()
     T.train_size("s", latents, T.DEFAULT_BASE, run, seconds=0.5, batch=3, lr=0.0, device="cpu", seed=0,
@@ -140,11 +138,11 @@ def test_teacher_targets_damp_the_conditional_branch_and_start_from_an_exported_
                  t_sampling="uniform", t_max=500, init=folder, teacher=folder, guided_weight=0.5)
     meta = _meta(run / "s.safetensors")
     assert meta["teacher"] == str(folder) and meta["guided_full"] == 600 and meta["total_samples"] > meta["samples"]
-    (pc, target_c), (pu, target_u) = seen[0], seen[1]
+    (pc, target_c), (pu, target_u) = losses[0], losses[1]
     torch.testing.assert_close(target_u, pu, atol=1e-5, rtol=1e-5)  # student == teacher at the start
     torch.testing.assert_close(target_c, pu + (2.0 / 7.5) * (pc - pu), atol=1e-5, rtol=1e-5)
     assert (pc - pu).abs().max() > 1e-3  # the branches differ, so the check above is not vacuous
-    guided_pred, guided_target = seen[2]  # guided_weight: the error of the guided prediction itself
+    guided_pred, guided_target = losses[2]  # guided_weight: the error of the guided prediction itself
     torch.testing.assert_close(guided_pred, pu + 7.5 * (pc - pu))
     torch.testing.assert_close(guided_target, target_u + 7.5 * (target_c - target_u))
     assert meta["guided_weight"] == 0.5
