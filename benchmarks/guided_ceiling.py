@@ -45,8 +45,10 @@ def weight(t: float, scale: float, schedule: tuple[float, float, float] | None) 
     """w(t) of the module docstring: the share of (v_c − v_u) a perfect student keeps at t."""
     if schedule is None:
         return 1.0
+    from dgq.tiny.train_gpu import _ramp  # noqa: PLC0415 - the trainer's own ramp, so the two cannot drift
+
     e, full, below = schedule
-    r = min(1.0, max(0.0, (below - t) / (below - full)))
+    r = float(_ramp(torch.tensor([t]), below, full))
     return 1.0 - r * (1.0 - e / scale)
 
 
@@ -87,10 +89,11 @@ def run(pipe, evaluator, prompts: list[str], scale: float, schedules: list, step
     def forward(x, timestep, *args, **kw):
         out = real(x, timestep, *args, **kw)
         w = weight(float(torch.as_tensor(timestep).flatten()[0]), scale, current["schedule"])
-        pred = out.sample if kw.get("return_dict", True) else out[0]
+        as_dict = kw.get("return_dict", True)
+        pred = out.sample if as_dict else out[0]
         u, c = pred.chunk(2)  # the pipeline's CFG batch: unconditional half first
         pred = torch.cat([u, u + w * (c - u)])
-        return type(out)(sample=pred) if kw.get("return_dict", True) else (pred,)
+        return type(out)(sample=pred) if as_dict else (pred,)
 
     unet.forward = forward
     rows = {}

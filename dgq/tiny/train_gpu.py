@@ -135,12 +135,17 @@ def load_weights(path: Path) -> tuple[dict, dict, str, list[dict]]:
         text_sd = load_file(str(path / "text_encoder" / "model.safetensors"))
         return ({k: v.float() for k, v in unet_sd.items()}, {k: v.float() for k, v in text_sd.items()},
                 info["size"], list(info["runs"]))
+    prior, unet_sd, text_sd = _read_save(path)
+    return unet_sd, text_sd, prior["size"], prior.get("history", []) + [_run_record(prior)]
+
+
+def _read_save(path: Path) -> tuple[dict, dict, dict]:
+    """A trainer save's JSON metadata and its UNet / text-encoder state dicts (fp32)."""
     with safe_open(str(path), "pt") as f:
-        prior = json.loads(f.metadata()["json"])
+        meta = json.loads(f.metadata()["json"])
     sd = load_file(str(path))
-    return ({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")},
-            {k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")},
-            prior["size"], prior.get("history", []) + [_run_record(prior)])
+    return (meta, {k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")},
+            {k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
 
 
 def _save_ema(unet_ema, text_ema, path: Path, meta: dict) -> None:
@@ -414,12 +419,10 @@ def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float 
     from dgq.tiny.models import make_scheduler, make_text_encoder, make_unet, make_vae  # noqa: PLC0415
     from dgq.tiny.tokenizer import build_clip_tokenizer  # noqa: PLC0415
 
-    with safe_open(str(weights), "pt") as f:
-        meta = json.loads(f.metadata()["json"])
-    sd = load_file(str(weights))
+    meta, unet_sd, text_sd = _read_save(weights)
     unet, text = make_unet(meta["size"]), make_text_encoder(meta["size"])
-    unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
-    text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
+    unet.load_state_dict(unet_sd)
+    text.load_state_dict(text_sd)
     # built from the architecture + weights, not from_pretrained: a re-saved config would record
     # this machine's path (`_name_or_path`)
     vae = make_vae()
