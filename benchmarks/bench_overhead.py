@@ -2,7 +2,8 @@
 
 Runs blocks of UNet calls (the 25 timesteps of one generation, CFG batch 2) for each variant in
 turn, so that a machine whose speed drifts hits every variant alike, and prints the median and
-the best block per variant with its ratio to FP:
+the best block per variant with its ratio to FP, and the median of each block's ratio to the FP
+block run just before it (paired: the figure least moved by drift):
 
 * fp         – PyTorch's fused attention, no quantization (what `python -m dgq bench` calls FP);
 * w16a16     – the explicit-softmax attention path alone (probabilities materialised, nothing
@@ -75,10 +76,15 @@ def main() -> None:
     kernels._lib = lib
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
+    # each variant's block over the FP block just before it: the machine's speed drifts over a
+    # run, and neighbouring blocks see the same speed, so the median of these paired ratios is
+    # the steadiest figure
+    paired = {k: statistics.median(a / b for a, b in zip(v, times["fp"])) for k, v in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fused kernels: {lib is not None}")
-    print(f"{'variant':10s} {'median ms':>10s} {'× FP':>7s} {'best ms':>9s} {'× FP':>7s}")
+    print(f"{'variant':10s} {'median ms':>10s} {'× FP':>7s} {'best ms':>9s} {'× FP':>7s} {'paired × FP':>12s}")
     for k in times:
-        print(f"{k:10s} {med[k] * 1e3:10.1f} {med[k] / med['fp']:7.3f} {best[k] * 1e3:9.1f} {best[k] / best['fp']:7.3f}")
+        print(f"{k:10s} {med[k] * 1e3:10.1f} {med[k] / med['fp']:7.3f} {best[k] * 1e3:9.1f} {best[k] / best['fp']:7.3f}"
+              f" {paired[k]:12.3f}")
 
 
 if __name__ == "__main__":

@@ -113,16 +113,23 @@ class DGQAttnProcessor:
                 aq = params.act(f"{name}.{site}", ctx.t_key)
                 if aq is None:
                     continue
+                slot = (id(self), site)  # consumed by this call's matmuls
                 if site == "q":
-                    q = apply_act(q, aq, kind)
+                    q = apply_act(q, aq, kind, slot)
                 elif site == "k":
-                    k = apply_act(k, aq, kind)
+                    k = apply_act(k, aq, kind, slot)
                 else:
-                    v = apply_act(v, aq, kind)
+                    v = apply_act(v, aq, kind, slot)
         q, k = q.float(), k.float()
-        kt = k.transpose(-1, -2)
-        buf = _scores_buffer(torch.Size((*q.shape[:-1], k.shape[-2])), q)
-        scores = (torch.matmul(q, kt) if buf is None else torch.matmul(q, kt, out=buf)).mul_(attn.scale)
+        b, h, n, d = q.shape
+        nk = k.shape[-2]
+        # one batched GEMM over (batch, head) with the softmax scale folded in (no extra pass
+        # over the scores); q and k are views of the quantizer's contiguous [B, heads, T, d]
+        # output, copies only on the unquantized or eager path
+        buf = _scores_buffer(torch.Size((b, h, n, nk)), q)
+        scores = q.new_empty((b, h, n, nk)) if buf is None else buf
+        scores.view(b * h, n, nk).baddbmm_(q.reshape(b * h, n, d), k.reshape(b * h, nk, d).transpose(1, 2),
+                                           beta=0.0, alpha=attn.scale)
         if mask is not None:
             scores += mask.float()
         probs = torch.softmax(scores, -1, out=scores)

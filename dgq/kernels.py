@@ -75,6 +75,57 @@ void dgq_fake_quant(const float* restrict x, float* restrict y, int64_t outer, i
     }
 }
 
+/* Attention's q/k/v: x is the contiguous [B, N, H, D] output of to_q/to_k/to_v, read as the
+   [B, H, N, D] view the heads are split into; y is written contiguous [B, H, N, D], so the
+   matmuls that follow need no copy of their own. Parameters are indexed by d (mode 0), by the
+   token n (mode 1) or single (mode 2); with keep_first, token 0 is copied unquantized (the
+   <start> key kept in FP). */
+void dgq_fake_quant_heads(const float* restrict x, float* restrict y, int64_t B, int64_t N, int64_t H, int64_t D,
+                          int mode, const float* restrict s, const float* restrict inv, const float* restrict lo,
+                          const float* restrict hi, int keep_first, int nt) {
+    #pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
+    for (int64_t r = 0; r < B * H * N; ++r) {
+        const int64_t n = r % N, bh = r / N, h = bh % H, b = bh / H;
+        const float* xr = x + ((b * N + n) * H + h) * D;
+        float* yr = y + r * D;
+        if (keep_first && n == 0) {
+            memcpy(yr, xr, (size_t)D * sizeof(float));
+            continue;
+        }
+        if (mode == 0) {
+            for (int64_t d = 0; d < D; ++d) {
+                float v = nearbyintf(xr[d] * inv[d]);
+                v = v < lo[d] ? lo[d] : v;
+                v = v > hi[d] ? hi[d] : v;
+                yr[d] = v * s[d];
+            }
+        } else {
+            const int64_t i = mode == 1 ? n : 0;
+            const float a = inv[i], l = lo[i], u = hi[i], sc = s[i];
+            for (int64_t d = 0; d < D; ++d) {
+                float v = nearbyintf(xr[d] * a);
+                v = v < l ? l : v;
+                v = v > u ? u : v;
+                yr[d] = v * sc;
+            }
+        }
+    }
+}
+
+/* The two activation kernels with their per-site constants packed in one int64 array, built
+   once per plan: a call from Python then converts three arguments instead of ten or thirteen
+   (ctypes' conversions cost more than the pass itself on the smallest maps). */
+void dgq_fake_quant_packed(const float* restrict x, float* restrict y, const int64_t* a) {
+    dgq_fake_quant(x, y, a[0], a[1], a[2], (const float*)(intptr_t)a[3], (const float*)(intptr_t)a[4],
+                   (const float*)(intptr_t)a[5], (const float*)(intptr_t)a[6], (int)a[7]);
+}
+
+void dgq_fake_quant_heads_packed(const float* restrict x, float* restrict y, const int64_t* a) {
+    dgq_fake_quant_heads(x, y, a[0], a[1], a[2], a[3], (int)a[4], (const float*)(intptr_t)a[5],
+                         (const float*)(intptr_t)a[6], (const float*)(intptr_t)a[7], (const float*)(intptr_t)a[8],
+                         (int)a[9], (int)a[10]);
+}
+
 /* In place, p viewed as [B, rows, cols]: q = 2^floor(log2(p * mul[b])) via the exponent bits,
    optionally clamped to 1, zeroed at or below thr, times scale[b]; column 0 untouched when
    skip_first (the <start> key kept in FP). mul[b] = sqrt(2) / scale[b], computed by the caller. */
@@ -109,11 +160,18 @@ void dgq_log_quant_dynamic(float* restrict p, int64_t B, int64_t rows, int64_t c
     float all = -INFINITY;
     #pragma omp parallel for num_threads(nt) if(nt > 1 && B > 1) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
+        /* eight running maxima (one SIMD register; max is order-free for the non-NaN values a
+           softmax gives, so the result is the sequential one), folded at the end */
+        float acc[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
         float top = -INFINITY;
         for (int64_t r = 0; r < rows; ++r) {
             const float* row = p + (b * rows + r) * cols;
-            for (int64_t c = c0; c < cols; ++c) top = row[c] > top ? row[c] : top;
+            int64_t c = c0;
+            for (; c + 8 <= cols; c += 8)
+                for (int j = 0; j < 8; ++j) acc[j] = row[c + j] > acc[j] ? row[c + j] : acc[j];
+            for (; c < cols; ++c) top = row[c] > top ? row[c] : top;
         }
+        for (int j = 0; j < 8; ++j) top = acc[j] > top ? acc[j] : top;
         scale_out[b] = top;
     }
     for (int64_t b = 0; b < B; ++b) all = scale_out[b] > all ? scale_out[b] : all;
@@ -205,6 +263,11 @@ def library() -> ctypes.CDLL | None:
                     ci = ctypes.c_int
                     lib.dgq_fake_quant.argtypes = [p, p, i64, i64, i64, p, p, p, p, ci]
                     lib.dgq_fake_quant.restype = None
+                    lib.dgq_fake_quant_heads.argtypes = [p, p, i64, i64, i64, i64, ci, p, p, p, p, ci, ci]
+                    lib.dgq_fake_quant_heads.restype = None
+                    for name in ("dgq_fake_quant_packed", "dgq_fake_quant_heads_packed"):
+                        getattr(lib, name).argtypes = [p, p, p]
+                        getattr(lib, name).restype = None
                     lib.dgq_log_quant.argtypes = [p, i64, i64, i64, p, p, i64, f32, ci, ci, ci]
                     lib.dgq_log_quant.restype = None
                     lib.dgq_log_quant_dynamic.argtypes = [p, i64, i64, i64, ci, f32, f32, f32, ci, p, p, ci]

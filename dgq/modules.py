@@ -84,7 +84,7 @@ class QuantLinearMixin(QuantMixin):
         if ctx.params is not None:
             q = ctx.params.act(self.dgq_name, ctx.t_key)
             if q is not None:
-                x = apply_act(x, q, kind)
+                x = apply_act(x, q, kind, slot=id(self))  # consumed by F.linear below
         return F.linear(x, self._weight_for(ctx), self.bias)
 
 
@@ -109,7 +109,7 @@ class QuantConv2dMixin(QuantMixin):
             if q is not None:
                 if q.mode == "pixel" and ctx.params.calib.sites[self.dgq_name].needs_unfold():
                     return self._unfolded(x, w, q)
-                x = apply_act(x, q, "conv")
+                x = apply_act(x, q, "conv", slot=id(self))  # consumed by the conv below
         return self._conv_forward(x, w, self.bias)
 
     def _unfolded(self, x: torch.Tensor, w: torch.Tensor, q) -> torch.Tensor:

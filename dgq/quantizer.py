@@ -14,6 +14,7 @@ which is why a bit-width change never recalibrates.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 from dataclasses import dataclass, field
@@ -278,44 +279,86 @@ def _site_shape(info, mode: str) -> tuple[int, ...]:
     return _shape(kind, mode, tuple(info.pixel_shape))
 
 
-def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
-    """Quantize-dequantize with the precomputed parameters (fp32 arithmetic, x's dtype out).
+def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str, keep_first: bool = False,
+                        slot: object = None) -> torch.Tensor:
+    """Quantize-dequantize with the precomputed parameters (fp32 arithmetic, x's dtype out);
+    `keep_first` leaves index 0 of dim 2 (attention's token 0) unquantized. With a `slot` (a
+    caller that consumes the result before it quantizes again, e.g. a layer's own input) the
+    fused kernels write into that slot's reusable buffer (`_out_buffer`).
 
     On CPU in fp32 this is one pass of the fused kernel (`dgq.kernels`), bit-identical to the
-    eager ops below. Eager: multiply by 1/s into one fresh buffer, then round, clamp and rescale
-    in place (a fresh buffer per op costs page faults that outweigh the arithmetic; `clamp_`
-    with tensor bounds is 3–5× slower than `maximum` + `minimum` on CPU when the bounds
-    broadcast over inner axes). Everything that depends only on the input's shape is worked
-    out once and kept on `q` (one dict lookup per call): these tensors are small, so per-call
-    Python work is a large share of the cost."""
-    key = (kind, x.shape, x.stride(), x.dtype, x.device, torch.get_num_threads())
+    eager ops below. Attention's q/k/v — [B, heads, T, d] views of contiguous [B, T, heads, d]
+    tensors — come back contiguous in [B, heads, T, d] order from the kernel (the copy the
+    attention matmuls would otherwise make is folded into the quantizer's pass). Eager: multiply
+    by 1/s into one fresh buffer, then round, clamp and rescale in place (a fresh buffer per op
+    costs page faults that outweigh the arithmetic; `clamp_` with tensor bounds is 3–5× slower
+    than `maximum` + `minimum` on CPU when the bounds broadcast over inner axes). Everything that
+    depends only on the input's shape is worked out once and kept on `q` (one dict lookup per
+    call): these tensors are small, so per-call Python work is a large share of the cost."""
+    key = (kind, x.shape, x.stride(), x.dtype, x.device, torch.get_num_threads(), keep_first)
     plan = q._by_input.get(key)
     if plan is None:
-        plan = q._by_input[key] = _plan(x, q, kind, key)
-    params, fused = plan
+        plan = q._by_input[key] = _plan(x, q, kind, key, keep_first)
+    params, fused, _ = plan
     if fused is not None and not x.requires_grad:
-        swapped, layout, ptrs = fused
-        xc = x.transpose(1, 2) if swapped else x
-        y = torch.empty(xc.shape, dtype=torch.float32)
-        _KERNELS.dgq_fake_quant(xc.data_ptr(), y.data_ptr(), *layout, *ptrs)
-        return y.transpose(1, 2) if swapped else y
-    s, inv, lo, hi = params
-    y = x.float().mul_(inv) if x.dtype != torch.float32 else torch.mul(x, inv)
-    y.round_()
-    torch.maximum(y, lo, out=y)
-    torch.minimum(y, hi, out=y)
-    y.mul_(s)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+        call, args, heads = fused
+        y = _out_buffer(slot, x.shape) if slot is not None else torch.empty(x.shape, dtype=torch.float32)
+        call(x.data_ptr(), y.data_ptr(), args)
+        if heads:
+            return y  # token 0 kept by the kernel
+    else:
+        s, inv, lo, hi = params
+        y = x.float().mul_(inv) if x.dtype != torch.float32 else torch.mul(x, inv)
+        y.round_()
+        torch.maximum(y, lo, out=y)
+        torch.minimum(y, hi, out=y)
+        y.mul_(s)
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+    if keep_first:
+        y[:, :, 0] = x[:, :, 0]
+    return y
 
 
-_KERNELS = None  # the loaded fused kernels, once a plan has asked for them
-_LAYOUTS: dict[tuple, tuple | None] = {}  # (input key, mode) → (swapped, (outer, indices, inner)) or None
+_OUT = threading.local()
+# Reusable output buffers per thread, in all (fp32 elements): the embedded model needs ~3 M.
+_OUT_MAX = 1 << 23
 
 
-def _plan(x: torch.Tensor, q: ActQuant, kind: str, key: tuple) -> tuple:
-    """(parameters shaped for x, kernel plan or None) for inputs like x. Cheap: it runs once per
-    (site, timestep) after a bit-width change, so the layout part is shared by every site."""
-    global _KERNELS
+def _out_buffer(slot: object, shape: torch.Size) -> torch.Tensor:
+    """A per-(thread, slot, shape) fp32 buffer for a quantizer's output, or a fresh tensor.
+
+    On CPU a fresh output of a few hundred kB is a fresh mapping from the allocator, and its page
+    faults cost as much as the quantizer's pass that fills it. A slot's buffer is overwritten by
+    the slot's next call, so only callers that consume the result before then pass a slot (a
+    layer quantizing its own input, attention's q/k/v), and only without autograd (a graph
+    would keep the buffer for the backward pass). Past `_OUT_MAX` elements per thread the
+    buffers are dropped and collected again (a model switch leaves its old slots behind)."""
+    if torch.is_grad_enabled():
+        return torch.empty(shape, dtype=torch.float32)
+    bufs = getattr(_OUT, "bufs", None)
+    if bufs is None:
+        bufs = _OUT.bufs = {}
+        _OUT.size = 0
+    key = (slot, shape)
+    buf = bufs.get(key)
+    if buf is None:
+        buf = torch.empty(shape, dtype=torch.float32)
+        if _OUT.size + buf.numel() > _OUT_MAX:
+            bufs.clear()
+            _OUT.size = 0
+        bufs[key] = buf
+        _OUT.size += buf.numel()
+    return buf
+_LAYOUTS: dict[tuple, tuple | None] = {}  # (input key, mode) → (heads, layout) or None
+_HEAD_MODES = {"channel": 0, "pixel": 1, "tensor": 2}
+
+
+def _plan(x: torch.Tensor, q: ActQuant, kind: str, key: tuple, keep_first: bool = False) -> tuple:
+    """(parameters shaped for x, kernel call or None, the call's constants) for inputs like x:
+    the call is (packed kernel, address of the constants, whether it is the heads kernel). Cheap: it
+    runs once per (site, timestep) after a bit-width change, and the layout part is shared by
+    every site."""
     from dgq import kernels  # noqa: PLC0415
 
     shp = _shape(kind, q.mode, tuple(x.shape[2:]))
@@ -323,44 +366,46 @@ def _plan(x: torch.Tensor, q: ActQuant, kind: str, key: tuple) -> tuple:
     lkey = (key, q.mode)  # key holds the thread count, on which `kernels.usable` depends
     lay = _LAYOUTS.get(lkey, False)
     if lay is False:
-        lay = _LAYOUTS[lkey] = _kernel_layout(x, shp) if kernels.usable(x) else None
+        lay = _LAYOUTS[lkey] = _kernel_layout(x, shp, q.mode, kind) if kernels.usable(x) else None
     if lay is None or (lib := kernels.library()) is None:
-        return params, None
-    s, inv, lo, hi = params
-    n = lay[1][1]
+        return params, None, None
+    heads, layout = lay
+    n = {0: layout[3], 1: layout[1], 2: 1}[layout[4]] if heads else layout[1]
     for p in params:
         if p.numel() != n or not p.is_contiguous() or p.dtype != torch.float32:
-            return params, None
-    _KERNELS = lib
-    return params, (lay[0], lay[1], (s.data_ptr(), inv.data_ptr(), lo.data_ptr(), hi.data_ptr(),
-                                     kernels.threads_for(x.numel())))
+            return params, None, None
+    ptrs = [p.data_ptr() for p in params]
+    nt = kernels.threads_for(x.numel())
+    if heads:
+        call, values = lib.dgq_fake_quant_heads_packed, [*layout, *ptrs, int(keep_first), nt]
+    else:
+        call, values = lib.dgq_fake_quant_packed, [*layout, *ptrs, nt]
+    args = (ctypes.c_int64 * len(values))(*values)
+    return params, (call, ctypes.addressof(args), heads), args
 
 
-def _kernel_layout(x: torch.Tensor, shp: tuple[int, ...]) -> tuple | None:
-    """How the fused CPU kernel views inputs of x's shape and strides: (swapped, (outer,
-    indices, inner)), or None (a layout it does not cover: eager ops).
-
-    Attention's q/k/v arrive as [B, heads, T, d] views of contiguous [B, T, heads, d] tensors:
-    they are quantized in that memory order (the same elementwise result) and returned as the
-    same kind of view, so no copy is made."""
-    swapped = False
+def _kernel_layout(x: torch.Tensor, shp: tuple[int, ...], mode: str, kind: str) -> tuple | None:
+    """How the fused CPU kernels take inputs of x's shape and strides: (False, (outer, indices,
+    inner)) for a contiguous x, (True, (B, T, heads, d, mode code)) for attention's [B, heads, T,
+    d] view of a contiguous [B, T, heads, d] tensor (quantized into a contiguous [B, heads, T, d]
+    result), or None (a layout they do not cover: eager ops)."""
     if not x.is_contiguous():
-        if x.dim() != 4 or not x.transpose(1, 2).is_contiguous():
+        if kind not in ("q", "k", "v") or x.dim() != 4 or not x.transpose(1, 2).is_contiguous():
             return None
-        x, swapped = x.transpose(1, 2), True
-        if shp:
-            shp = (shp[0], shp[2], shp[1], shp[3])
+        b, h, t, d = x.shape
+        return True, (b, t, h, d, _HEAD_MODES[mode])
     if not shp:
-        return swapped, (1, 1, x.numel())
+        return False, (1, 1, x.numel())
     if len(shp) != x.dim():
         return None
     idx = [i for i, v in enumerate(shp) if v != 1]
     first, last = idx[0], idx[-1]
-    return swapped, (math.prod(x.shape[:first]), math.prod(x.shape[first:last + 1]), math.prod(x.shape[last + 1:]))
+    return False, (math.prod(x.shape[:first]), math.prod(x.shape[first:last + 1]), math.prod(x.shape[last + 1:]))
 
 
-def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
-    """Fake-quantize a site's input (fp32 arithmetic, result in x's dtype)."""
+def apply_act(x: torch.Tensor, q: ActQuant, kind: str, slot: object = None) -> torch.Tensor:
+    """Fake-quantize a site's input (fp32 arithmetic, result in x's dtype); `slot`: see
+    `fake_quant_prepared`."""
     n = q.scale.numel()
     if q.mode == "pixel":
         want = x.shape[2] * x.shape[3] if kind == "conv" else x.shape[-2]
@@ -368,10 +413,7 @@ def apply_act(x: torch.Tensor, q: ActQuant, kind: str) -> torch.Tensor:
             raise RuntimeError(
                 f"pixel groups were calibrated for {n} positions but this input has {want}: "
                 "the resolution differs from the calibration's; recalibrate at this resolution")
-    out = fake_quant_prepared(x, q, kind)
-    if q.start_fp:
-        out[:, :, 0] = x[:, :, 0]
-    return out
+    return fake_quant_prepared(x, q, kind, keep_first=q.start_fp, slot=slot)
 
 
 def apply_prob(p: torch.Tensor, q: ProbQuant, inplace: bool = False) -> torch.Tensor:

@@ -173,7 +173,7 @@ def test_results_do_not_depend_on_the_thread_split(monkeypatch):
             torch.set_num_threads(n)
             fq = _fresh(q)
             y = apply_act(x, fq, "linear")
-            assert next(iter(fq._by_input.values()))[1][2][-1] == n  # the plan carries the split
+            assert next(iter(fq._by_input.values()))[2][-1] == n  # the plan's constants carry the split
             pq = apply_prob(p.clone(), ProbQuant(4, True, True, True, "sample", None), inplace=True)
             out.append((y, pq))
     finally:
@@ -183,3 +183,46 @@ def test_results_do_not_depend_on_the_thread_split(monkeypatch):
     monkeypatch.setattr(K, "_tried", True)
     assert torch.equal(out[0][0], apply_act(x, _fresh(q), "linear"))
     assert torch.equal(out[0][1], apply_prob(p.clone(), ProbQuant(4, True, True, True, "sample", None)))
+
+
+@needs_kernels
+def test_heads_kernel_keeps_start_token_and_tensor_mode_and_returns_head_major(monkeypatch):
+    """q/k/v views come back contiguous in [B, heads, T, d] order, token 0 kept in FP when asked,
+    and equal (values) to the eager path in every mode."""
+    g = torch.Generator().manual_seed(7)
+    b, n, h, d = 2, 12, 2, 8
+    view = (torch.randn(b, n, h * d, generator=g) * 3).view(b, n, h, d).transpose(1, 2)
+    qs = [ActQuant(4, "channel", torch.rand(d, generator=g) + 0.05, torch.randint(0, 16, (d,), generator=g).float(), True),
+          ActQuant(4, "pixel", torch.rand(n, generator=g) + 0.05, torch.randint(0, 16, (n,), generator=g).float(), True),
+          ActQuant(4, "tensor", torch.tensor(0.3), torch.tensor(7.0)),
+          ActQuant(4, "tensor", torch.tensor(0.3), torch.tensor(7.0), True)]
+    fresh = [ActQuant(q.bits, q.mode, q.scale, q.zero, q.start_fp) for q in qs]
+    got = [apply_act(view, q, "k") for q in fresh]
+    for q, y in zip(fresh, got):
+        assert next(iter(q._by_input.values()))[1] is not None  # the kernel ran
+        assert y.is_contiguous() and y.shape == view.shape
+        if q.start_fp:
+            assert torch.equal(y[:, :, 0], view[:, :, 0])
+    monkeypatch.setattr(K, "_lib", None)
+    monkeypatch.setattr(K, "_tried", True)
+    for q, y in zip(qs, got):
+        assert torch.equal(y, apply_act(view, ActQuant(q.bits, q.mode, q.scale, q.zero, q.start_fp), "k"))
+
+
+@needs_kernels
+def test_slot_buffers_are_reused_per_slot_and_never_under_autograd():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 6, 4, 4, generator=g)
+    q = ActQuant(6, "channel", torch.rand(6, generator=g) + 0.05, torch.randint(0, 64, (6,), generator=g).float())
+    with torch.no_grad():
+        a = apply_act(x, q, "conv", slot="layer-a")
+        a_vals = a.clone()
+        a2 = apply_act(x * 2, q, "conv", slot="layer-a")
+        assert a2.data_ptr() == a.data_ptr()  # the slot's buffer, overwritten by its next call
+        b = apply_act(x, q, "conv", slot="layer-b")
+        assert b.data_ptr() != a.data_ptr() and torch.equal(b, a_vals)
+        assert torch.equal(apply_act(x, q, "conv"), a_vals)  # no slot: a fresh tensor each call
+    with torch.enable_grad():
+        c1 = apply_act(x, q, "conv", slot="layer-a")
+        c2 = apply_act(x, q, "conv", slot="layer-a")
+        assert c1.data_ptr() != c2.data_ptr()  # a graph could keep the first one
