@@ -40,6 +40,29 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
+/* One row of n elements, y = s * min(max(round(x * inv), lo), hi): with a parameter per
+   element (row_each) or one for the whole row (row_one). Both kernels below are built from these
+   two, so every layout does the same float32 operations in the same order. */
+static inline void row_each(const float* restrict xr, float* restrict yr, int64_t n, const float* restrict s,
+                            const float* restrict inv, const float* restrict lo, const float* restrict hi) {
+    for (int64_t c = 0; c < n; ++c) {
+        float v = nearbyintf(xr[c] * inv[c]);
+        v = v < lo[c] ? lo[c] : v;
+        v = v > hi[c] ? hi[c] : v;
+        yr[c] = v * s[c];
+    }
+}
+
+static inline void row_one(const float* restrict xr, float* restrict yr, int64_t n, float s, float inv,
+                           float lo, float hi) {
+    for (int64_t i = 0; i < n; ++i) {
+        float v = nearbyintf(xr[i] * inv);
+        v = v < lo ? lo : v;
+        v = v > hi ? hi : v;
+        yr[i] = v * s;
+    }
+}
+
 /* y = s[c] * min(max(round(x * inv[c]), lo[c]), hi[c]) for x viewed as [outer, C, inner],
    split over nt threads (OpenMP, when built with it): every element is independent, so the
    result does not depend on the split. */
@@ -48,30 +71,13 @@ void dgq_fake_quant(const float* restrict x, float* restrict y, int64_t outer, i
                     const float* restrict hi, int nt) {
     if (inner == 1) {
         #pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
-        for (int64_t o = 0; o < outer; ++o) {
-            const float* xr = x + o * C;
-            float* yr = y + o * C;
-            for (int64_t c = 0; c < C; ++c) {
-                float v = nearbyintf(xr[c] * inv[c]);
-                v = v < lo[c] ? lo[c] : v;
-                v = v > hi[c] ? hi[c] : v;
-                yr[c] = v * s[c];
-            }
-        }
+        for (int64_t o = 0; o < outer; ++o) row_each(x + o * C, y + o * C, C, s, inv, lo, hi);
         return;
     }
     #pragma omp parallel for num_threads(nt) if(nt > 1) schedule(static)
     for (int64_t oc = 0; oc < outer * C; ++oc) {
         const int64_t c = oc % C;
-        const float a = inv[c], l = lo[c], h = hi[c], sc = s[c];
-        const float* xr = x + oc * inner;
-        float* yr = y + oc * inner;
-        for (int64_t i = 0; i < inner; ++i) {
-            float v = nearbyintf(xr[i] * a);
-            v = v < l ? l : v;
-            v = v > h ? h : v;
-            yr[i] = v * sc;
-        }
+        row_one(x + oc * inner, y + oc * inner, inner, s[c], inv[c], lo[c], hi[c]);
     }
 }
 
@@ -93,21 +99,10 @@ void dgq_fake_quant_heads(const float* restrict x, float* restrict y, int64_t B,
             continue;
         }
         if (mode == 0) {
-            for (int64_t d = 0; d < D; ++d) {
-                float v = nearbyintf(xr[d] * inv[d]);
-                v = v < lo[d] ? lo[d] : v;
-                v = v > hi[d] ? hi[d] : v;
-                yr[d] = v * s[d];
-            }
+            row_each(xr, yr, D, s, inv, lo, hi);
         } else {
             const int64_t i = mode == 1 ? n : 0;
-            const float a = inv[i], l = lo[i], u = hi[i], sc = s[i];
-            for (int64_t d = 0; d < D; ++d) {
-                float v = nearbyintf(xr[d] * a);
-                v = v < l ? l : v;
-                v = v > u ? u : v;
-                yr[d] = v * sc;
-            }
+            row_one(xr, yr, D, s[i], inv[i], lo[i], hi[i]);
         }
     }
 }
@@ -261,10 +256,6 @@ def library() -> ctypes.CDLL | None:
                     lib = ctypes.CDLL(str(path))
                     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
                     ci = ctypes.c_int
-                    lib.dgq_fake_quant.argtypes = [p, p, i64, i64, i64, p, p, p, p, ci]
-                    lib.dgq_fake_quant.restype = None
-                    lib.dgq_fake_quant_heads.argtypes = [p, p, i64, i64, i64, i64, ci, p, p, p, p, ci, ci]
-                    lib.dgq_fake_quant_heads.restype = None
                     for name in ("dgq_fake_quant_packed", "dgq_fake_quant_heads_packed"):
                         getattr(lib, name).argtypes = [p, p, p]
                         getattr(lib, name).restype = None

@@ -350,6 +350,8 @@ def _out_buffer(slot: object, shape: torch.Size) -> torch.Tensor:
         bufs[key] = buf
         _OUT.size += buf.numel()
     return buf
+
+
 _LAYOUTS: dict[tuple, tuple | None] = {}  # (input key, mode) → (heads, layout) or None
 _HEAD_MODES = {"channel": 0, "pixel": 1, "tensor": 2}
 
@@ -406,8 +408,8 @@ def _kernel_layout(x: torch.Tensor, shp: tuple[int, ...], mode: str, kind: str) 
 def apply_act(x: torch.Tensor, q: ActQuant, kind: str, slot: object = None) -> torch.Tensor:
     """Fake-quantize a site's input (fp32 arithmetic, result in x's dtype); `slot`: see
     `fake_quant_prepared`."""
-    n = q.scale.numel()
     if q.mode == "pixel":
+        n = q.scale.numel()
         want = x.shape[2] * x.shape[3] if kind == "conv" else x.shape[-2]
         if n != want:
             raise RuntimeError(
