@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
+import uuid
 from typing import Any, Callable
 
 import gradio as gr
-import numpy as np
 
 import dgq
+from dgq.bops import si
 
 from app import constants as C
 from app import plots
 from app.engine import Engine, Request, Result
 from app.gpu import gpu
+from app.inputs import as_bool, as_choice, as_float, as_int, as_text, input_error
+from app.models import ModelPolicy
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,12 @@ COLUMNS = ("fp", "baseline", "dgq")
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn every exception into a `gr.Error` with a one-line message (no stack trace)."""
+    """Turn every exception into a `gr.Error` with a one-line message (no stack trace).
+
+    Shown to the user: our own input errors, a model's public load error and the library's
+    config validation (ValueError: "w_bits=9 is out of range; allowed: …"). Anything else is
+    logged with its traceback and reported as an internal error with a reference, never with
+    its message (which may name server paths or internals)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,85 +44,65 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as e:  # ModelLoadError included
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            raise gr.Error(str(msg), print_exception=False) from None
+        except dgq.ModelLoadError as e:
+            raise gr.Error(e.public, print_exception=False) from None
+        except ValueError as e:
+            raise gr.Error(str(e).splitlines()[0][:500], print_exception=False) from None
         except Exception as e:  # noqa: BLE001 - the app must keep serving
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"internal error ({type(e).__name__}): {e}", print_exception=False) from None
+            ref = uuid.uuid4().hex[:8]
+            log.exception("unexpected error in %s (reference %s)", fn.__name__, ref)
+            raise gr.Error(f"internal error ({type(e).__name__}, reference {ref}); the server log has the details",
+                           print_exception=False) from None
 
     return wrapper
 
 
 # ----------------------------------------------------------------------------- input checks
-def _as_int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or value is None:
-        raise gr.Error(f"{name}={value!r} must be an integer in {lo}..{hi}", print_exception=False)
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise gr.Error(f"{name}={value!r} must be an integer in {lo}..{hi}", print_exception=False) from None
-    if not math.isfinite(f) or f != int(f) or not lo <= int(f) <= hi:
-        raise gr.Error(f"{name}={value!r} is out of range; allowed: integers {lo}..{hi}", print_exception=False)
-    return int(f)
-
-
-def _as_float(name: str, value: Any, lo: float, hi: float) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise gr.Error(f"{name}={value!r} must be a number in {lo}..{hi}", print_exception=False) from None
-    if not math.isfinite(f) or not lo <= f <= hi:
-        raise gr.Error(f"{name}={value!r} is out of range; allowed: {lo}..{hi}", print_exception=False)
-    return f
-
-
-def _choice(name: str, value: Any, allowed: list) -> Any:
-    if value not in allowed:
-        raise gr.Error(f"{name}={value!r} is not allowed; choose one of {allowed}", print_exception=False)
-    return value
-
-
-def make_request(prompt: Any, seed: Any, steps: Any, guidance: Any, model: Any, default_model: str) -> Request:
-    """Validate the FP-defining inputs (server-side caps included)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error("The prompt is empty: type what the image should show.", print_exception=False)
-    if len(prompt) > C.MAX_PROMPT_CHARS:
-        raise gr.Error(f"The prompt has {len(prompt)} characters; the server accepts at most {C.MAX_PROMPT_CHARS}.",
-                       print_exception=False)
-    model = (model or "").strip() if isinstance(model, str) else ""
-    return Request(model or default_model, prompt.strip(), _as_int("seed", seed, 0, C.MAX_SEED),
-                   _as_int("steps", steps, 1, C.MAX_STEPS), _as_float("guidance", guidance, 0.0, C.MAX_GUIDANCE))
+def make_request(prompt: Any, seed: Any, steps: Any, guidance: Any, model: Any, policy: ModelPolicy) -> Request:
+    """Validate the FP-defining inputs (server-side caps included); `model` through the policy."""
+    prompt = as_text("prompt", prompt, C.MAX_PROMPT_CHARS)
+    return Request(policy.resolve(model), prompt.strip(), as_int("seed", seed, 0, C.MAX_SEED),
+                   as_int("steps", steps, 1, C.MAX_STEPS), as_float("guidance", guidance, 0.0, C.MAX_GUIDANCE))
 
 
 def make_configs(w_bits: Any, a_bits: Any, groups: Any, baseline: Any, use_groups: Any = True, axis: Any = "auto",
                  log_quant: Any = True, start_token: Any = True, dynamic_scale: Any = True,
-                 time_aware: Any = True) -> tuple[Any, Any]:
-    """(baseline config, DGQ config) from the quantization controls, validated."""
-    w = _as_int("w_bits", w_bits, C.W_MIN, C.W_MAX)
-    a = _as_int("a_bits", a_bits, C.A_MIN, C.A_MAX)
-    k = _as_int("groups", groups, 1, max(C.GROUPS))
-    _choice("groups", k, C.GROUPS)
-    _choice("baseline", baseline, list(C.BASELINES))
-    _choice("axis", axis, C.AXES)
-    flags = {}
-    for name, v in (("use_groups", use_groups), ("log_quant", log_quant), ("start_token", start_token),
-                    ("dynamic_scale", dynamic_scale), ("time_aware", time_aware)):
-        if not isinstance(v, (bool, np.bool_)):
-            raise gr.Error(f"{name}={v!r} must be true or false", print_exception=False)
-        flags[name] = bool(v)
-    return (dgq.make_config(baseline, w, a),
-            dgq.make_config("dgq", w, a, groups=k, axis=axis, **flags))
+                 time_aware: Any = True, weight_rounding: Any = "nearest",
+                 execution: Any = "simulated") -> tuple[Any, Any]:
+    """(baseline config, DGQ config) from the quantization controls, validated. Weight rounding
+    and execution apply to both columns (the baselines share DGQ's weights)."""
+    w = as_int("w_bits", w_bits, C.W_MIN, C.W_MAX)
+    a = as_int("a_bits", a_bits, C.A_MIN, C.A_MAX)
+    k = as_choice("groups", groups, C.GROUPS)
+    baseline = as_choice("baseline", baseline, list(C.BASELINES))
+    axis = as_choice("axis", axis, C.AXES)
+    flags = {name: as_bool(name, v) for name, v in (
+        ("use_groups", use_groups), ("log_quant", log_quant), ("start_token", start_token),
+        ("dynamic_scale", dynamic_scale), ("time_aware", time_aware))}
+    rounding = as_choice("weight_rounding", weight_rounding, C.ROUNDINGS)
+    execution = as_choice("execution", execution, C.EXECUTIONS)
+    if execution == "int8" and a != 8:
+        raise input_error("execution", f"int8 runs integer GEMMs on 8-bit activations, not a_bits={a}",
+                          "simulated, or int8 with a_bits = 8")
+    if execution == "int8" and rounding == "adaround":
+        raise input_error("execution", "int8 packs round-to-nearest weight codes, not the learned rounding",
+                          "simulated with adaround, or int8 with nearest")
+    opts = dict(execution=execution, weight_rounding=rounding)
+    return (dgq.make_config(baseline, w, a, **opts),
+            dgq.make_config("dgq", w, a, groups=k, axis=axis, **opts, **flags))
+
+
+def check_rounding(studio: Any, config: Any) -> None:
+    """A learned rounding is offered where one is stored for the model's weights at that W."""
+    if config.weight_rounding != "adaround" or studio.has_rounding(config.w_bits):
+        return
+    have = [b for b in range(C.W_MIN, C.W_MAX + 1) if studio.has_rounding(b)]
+    where = f"this model has one at W{', W'.join(map(str, have))}" if have else "this model has none"
+    raise input_error("weight_rounding", f"no learned (AdaRound) rounding at w_bits={config.w_bits}; {where}",
+                      "nearest, or adaround where `python -m dgq reconstruct --w-bits W` has been run")
 
 
 # ----------------------------------------------------------------------------- formatting
-def _si(x: float, unit: str) -> str:
-    for f, p in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if x >= f:
-            return f"{x / f:.3g} {p}{unit}"
-    return f"{x:.3g} {unit}"
-
-
 def _fmt_align(m: dict[str, Any]) -> str:
     a = m["alignment"]
     if isinstance(a, str):
@@ -136,7 +123,7 @@ def column_markdown(m: dict[str, Any], cached: bool, fp_bops: float) -> str:
         ssim = f"{m['ssim']:.4f}"
     ratio = fp_bops / m["bops"] if m["bops"] else 1.0
     rows = [("latency", lat), ("PSNR vs FP", psnr), ("SSIM vs FP", ssim), ("alignment", _fmt_align(m)),
-            ("BOPs", _si(m["bops"], "BOPs") + (f" (÷{ratio:.0f})" if ratio > 1.5 else "")),
+            ("BOPs", si(m["bops"], "BOPs") + (f" (÷{ratio:.0f})" if ratio > 1.5 else "")),
             ("weight memory", f"{m['weight_mb']:.3g} MB")]
     return f"**{m['label']}**\n\n| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
@@ -200,16 +187,18 @@ class Callbacks:
     def generate(self, prompt: str, seed: float, steps: float, guidance: float, model: str, w_bits: float,
                  a_bits: float, groups: float, baseline: str, use_groups: bool = True, axis: str = "auto",
                  log_quant: bool = True, start_token: bool = True, dynamic_scale: bool = True,
-                 time_aware: bool = True, state: dict | None = None, progress=gr.Progress()):
+                 time_aware: bool = True, weight_rounding: str = "nearest", execution: str = "simulated",
+                 state: dict | None = None, progress=gr.Progress()):
         """FP, baseline and DGQ images from one seed, with latency, fidelity, alignment and BOPs.
 
         Returns: FP image, baseline image, DGQ image, three metric tables (markdown), the FP/DGQ wipe
         pair, a notice (prompt truncation), all metrics as JSON, and the new session state.
         """
-        req = make_request(prompt, seed, steps, guidance, model, self.engine.default_model)
+        req = make_request(prompt, seed, steps, guidance, model, self.engine.policy)
         base_cfg, dgq_cfg = make_configs(w_bits, a_bits, groups, baseline, use_groups, axis, log_quant, start_token,
-                                         dynamic_scale, time_aware)
+                                         dynamic_scale, time_aware, weight_rounding, execution)
         lm = self._load(req.model, progress)
+        check_rounding(lm.studio, dgq_cfg)
         tokens, truncated = lm.studio.tokens(req.prompt)
         if truncated:
             gr.Warning("The prompt is longer than 77 tokens: it was truncated (see the notice).")
@@ -222,8 +211,8 @@ class Callbacks:
                 cols["dgq"][1], (cols["fp"][0], cols["dgq"][0]), self._notice(truncated, tokens), payload, state)
 
     def requantize(self, w_bits: float, a_bits: float, groups: float, baseline: str, use_groups: bool, axis: str,
-                   log_quant: bool, start_token: bool, dynamic_scale: bool, time_aware: bool, state: dict | None,
-                   progress=gr.Progress()):
+                   log_quant: bool, start_token: bool, dynamic_scale: bool, time_aware: bool,
+                   weight_rounding: str, execution: str, state: dict | None, progress=gr.Progress()):
         """A quantization control moved: redo the two quantized columns of the last request only
         (the FP image comes from the cache; nothing is recalibrated)."""
         if not state or "request" not in state:
@@ -232,8 +221,8 @@ class Callbacks:
         log.info("requantize: W%s A%s K=%s %s", w_bits, a_bits, groups, baseline)
         req = Request.from_dict(state["request"])
         base_cfg, dgq_cfg = make_configs(w_bits, a_bits, groups, baseline, use_groups, axis, log_quant, start_token,
-                                         dynamic_scale, time_aware)
-        self._load(req.model, progress)
+                                         dynamic_scale, time_aware, weight_rounding, execution)
+        check_rounding(self._load(req.model, progress).studio, dgq_cfg)
         results = self._run(req, [("baseline", base_cfg), ("dgq", dgq_cfg)], progress)
         fp_res, fp_hit = self.engine.result(req, dgq.FP)
         results_all = {"fp": (fp_res, fp_hit), **results}
@@ -247,18 +236,18 @@ class Callbacks:
     def example(self, prompt: str, model: str, seed: float, steps: float, guidance: float, w_bits: float,
                 a_bits: float, groups: float, baseline: str, use_groups: bool = True, axis: str = "auto",
                 log_quant: bool = True, start_token: bool = True, dynamic_scale: bool = True,
-                time_aware: bool = True):
+                time_aware: bool = True, weight_rounding: str = "nearest", execution: str = "simulated"):
         """Cached examples: `generate` in the examples' input order, without progress or state
         (`example_state` sets the state: Gradio's example cache does not keep `gr.State`)."""
         return self.generate(prompt, seed, steps, guidance, model, w_bits, a_bits, groups, baseline, use_groups,
-                             axis, log_quant, start_token, dynamic_scale, time_aware,
+                             axis, log_quant, start_token, dynamic_scale, time_aware, weight_rounding, execution,
                              progress=lambda *a, **k: None)[:-1]
 
     def example_state(self, row: list) -> dict[str, Any]:
         """The session state of a cached example (Gradio does not cache `gr.State` outputs), so
         the bit sliders and the views work on it; `row` is in the examples' input order."""
         prompt, model, seed, steps, guidance, w, a, k, baseline, *flags = row
-        req = make_request(prompt, seed, steps, guidance, model, self.engine.default_model)
+        req = make_request(prompt, seed, steps, guidance, model, self.engine.policy)
         base_cfg, dgq_cfg = make_configs(w, a, k, baseline, *flags)
         return {"request": req.to_dict(), "baseline": base_cfg.to_dict(), "dgq": dgq_cfg.to_dict()}
 
@@ -369,7 +358,7 @@ class Callbacks:
         if not state or "request" not in state:
             raise gr.Error("Generate an image first: the demo perturbs the last generation's FP run.",
                            print_exception=False)
-        k = _as_int("k", k, 1, 64)
+        k = as_int("k", k, 1, 64)
         req = Request.from_dict(state["request"])
         self._load(req.model, progress)
         fp, _ = self.engine.result(req, dgq.FP)
@@ -396,13 +385,26 @@ class Callbacks:
 
     # ---- small helpers ---------------------------------------------------------
     def model_status(self, model: str) -> str:
-        return self.engine.status(model)
+        try:
+            m = self.engine.policy.resolve(model)
+        except gr.Error as e:
+            return f"❌ {e.message}"
+        return self.engine.status(m)
+
+    def model_guidance(self, model: str):
+        """The guidance slider's value for a newly chosen model (unchanged for a refused name)."""
+        try:
+            return self.engine.default_guidance(self.engine.policy.resolve(model))
+        except gr.Error:
+            return gr.skip()
 
     def status_tick(self, model: str):
         """Poll the model's status while it loads in the background, then stop the timer."""
-        m = self.engine.normalize(model) or self.engine.default_model
-        busy = m in self.engine.loading
-        return self.engine.status(model), gr.Timer(active=busy)
+        try:
+            m = self.engine.policy.resolve(model)
+        except gr.Error as e:
+            return f"❌ {e.message}", gr.Timer(active=False)
+        return self.engine.status(m), gr.Timer(active=m in self.engine.loading)
 
     @staticmethod
     def random_seed() -> int:
@@ -414,7 +416,7 @@ def wrap(cb: Callbacks) -> dict[str, Callable]:
     heavy = {"generate", "requantize", "example", "attention_view", "outlier_view", "outlier_drop"}
     out = {}
     for name in ("generate", "requantize", "example", "attention_view", "outlier_view", "outlier_drop",
-                 "model_status", "status_tick", "random_seed", "example_state"):
+                 "model_status", "model_guidance", "status_tick", "random_seed", "example_state"):
         fn = user_errors(getattr(cb, name))
         out[name] = gpu(fn) if name in heavy else fn
     return out

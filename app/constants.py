@@ -6,6 +6,11 @@ API can send values the sliders never would).
 Environment variables (all optional):
 
 * ``DGQ_APP_MODEL`` — the default model ("tiny" = the embedded model; a folder or Hub id).
+* ``DGQ_APP_MODELS`` — comma-separated Hub ids users may choose besides the default and "tiny"
+  (default: CompVis/stable-diffusion-v1-4).
+* ``DGQ_APP_ALLOW_LOCAL`` — "1" lets users name local diffusers folders (default: off, so a public
+  server never loads a path a visitor types).
+* ``DGQ_APP_DELETE_CACHE`` — "FREQ,AGE" seconds for Gradio's temp-file clean-up (default 3600,3600).
 * ``DGQ_APP_MAX_STEPS`` — server cap on sampler steps (default 50).
 * ``DGQ_APP_CONCURRENCY`` — generations running at once (default 2; they share one model copy).
 * ``DGQ_APP_QUEUE`` — queued requests beyond which new ones are refused (default 16).
@@ -36,7 +41,9 @@ TITLE = "DGQ Studio"
 EMBEDDED = "tiny"
 SD14 = "CompVis/stable-diffusion-v1-4"
 DEFAULT_MODEL = os.environ.get("DGQ_APP_MODEL", EMBEDDED)
-MODEL_CHOICES = list(dict.fromkeys([DEFAULT_MODEL, EMBEDDED, SD14]))
+HUB_MODELS = tuple(m.strip() for m in os.environ.get("DGQ_APP_MODELS", SD14).split(",") if m.strip())
+ALLOW_LOCAL = os.environ.get("DGQ_APP_ALLOW_LOCAL", "0") == "1"
+MODEL_CHOICES = list(dict.fromkeys([DEFAULT_MODEL, EMBEDDED, *HUB_MODELS]))
 
 DOMAIN_EXAMPLES = [
     "a large red circle on the left",
@@ -58,6 +65,8 @@ A_MIN, A_MAX = A_BITS.start, A_BITS.stop - 1  # 4..8
 GROUPS = list(GROUP_CHOICES)  # 1, 2, 4, 8, 16
 BASELINES = {"tfmq": "TFMQ-DM (per-timestep ranges)", "qdiff": "Q-Diffusion (one range for all steps)"}
 AXES = ["auto", "channel", "pixel"]
+ROUNDINGS = ["nearest", "adaround"]  # weight rounding: round to nearest, or learned by BRECQ/AdaRound
+EXECUTIONS = ["simulated", "int8"]  # fake quantization in fp32, or integer GEMMs (A = 8 only)
 DEFAULT_W, DEFAULT_A, DEFAULT_K = 8, 6, 16
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
@@ -74,6 +83,18 @@ RESULT_CACHE = max(0, _env_int("DGQ_APP_CACHE", 48))
 MAX_MODELS = 2  # pipelines kept in memory at once (the default model is never evicted)
 PRELOAD = os.environ.get("DGQ_APP_PRELOAD", "1") != "0"
 GPU_DURATION = _env_int("DGQ_APP_GPU_DURATION", 120)
+
+
+def _delete_cache() -> tuple[int, int]:
+    raw = os.environ.get("DGQ_APP_DELETE_CACHE", "3600,3600").split(",")
+    try:
+        freq, age = (int(x) for x in raw)
+    except ValueError:
+        freq, age = 3600, 3600
+    return max(60, freq), max(60, age)
+
+
+DELETE_CACHE = _delete_cache()  # Gradio's temp files (images served to clients) older than AGE s go every FREQ s
 CALIB_PROMPTS_FILE = os.environ.get("DGQ_APP_CALIB_PROMPTS") or None
 CALIB_STEPS = _env_int("DGQ_APP_CALIB_STEPS", 25)
 CLIP_MODEL = os.environ.get("DGQ_CLIP_MODEL", "ViT-g-14")
@@ -88,7 +109,8 @@ ALL = "all"
 
 INTRO = (
     "Full precision, a baseline post-training quantizer and **DGQ** (distribution-aware group "
-    "quantization, ICLR 2025) on the same prompt and seed. Quantization is *simulated* (fake "
-    "quantization in float), so latency is not faster here: the BOPs and weight-memory figures "
-    "are the analytic estimate for integer hardware."
+    "quantization, ICLR 2025) on the same prompt and seed. By default quantization is *simulated* "
+    "(fake quantization in float, not faster than FP); *execution = int8* (A = 8) runs the "
+    "quantized layers on integer GEMMs, whose latency is measured. The BOPs and weight-memory "
+    "figures are the analytic estimate for integer hardware."
 )

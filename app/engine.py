@@ -25,6 +25,7 @@ from typing import Any, Callable
 import dgq
 
 from app import constants as C
+from app.models import ModelPolicy
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ class Engine:
 
     def __init__(self, default_model: str = C.DEFAULT_MODEL, calib_prompts: list[str] | None = None,
                  calib_steps: int | None = None, cache_size: int = C.RESULT_CACHE,
-                 max_models: int = C.MAX_MODELS) -> None:
-        self.default_model = default_model
+                 max_models: int = C.MAX_MODELS, policy: ModelPolicy | None = None) -> None:
+        self.policy = policy or ModelPolicy(default_model, C.HUB_MODELS, C.ALLOW_LOCAL)
+        self.default_model = self.policy.canonical_default()
         if calib_prompts is None and C.CALIB_PROMPTS_FILE:
             calib_prompts = dgq.read_prompts(C.CALIB_PROMPTS_FILE)
         self.calib_prompts = calib_prompts
@@ -151,13 +153,14 @@ class Engine:
         self.stats = {"generated": 0, "cache_hits": 0, "calibrations": 0}
 
     # ------------------------------------------------------------------ models
-    @staticmethod
-    def normalize(model_id: str | None) -> str:
-        return (model_id or "").strip()
+    def normalize(self, model_id: str | None) -> str:
+        """The canonical name of a model the policy already accepted ("" / None = the default).
+        Callers with user input go through `self.policy.resolve` first."""
+        return dgq.canonical_model(model_id) if model_id else self.default_model
 
     def default_guidance(self, model_id: str) -> float:
         """The model's own guidance scale (its folder's dgq_defaults.json), else SD's 7.5; loads nothing."""
-        m = self.normalize(model_id) or self.default_model
+        m = self.normalize(model_id)
         try:
             return float(dgq.model_defaults(m).get("guidance", C.DEFAULT_GUIDANCE))
         except dgq.ModelLoadError:
@@ -165,15 +168,16 @@ class Engine:
 
     def status(self, model_id: str) -> str:
         """One line on a model's state (cheap; loads nothing)."""
-        m = self.normalize(model_id) or self.default_model
+        m = self.normalize(model_id)
+        name = self.policy.display(m)
         if m in self._models:
             lm = self._models[m]
-            return f"✅ `{m}` is loaded ({lm.resolution}×{lm.resolution} px, {len(lm.studio.layers)} quantized layers)."
+            return f"✅ `{name}` is loaded ({lm.resolution}×{lm.resolution} px, {len(lm.studio.layers)} quantized layers)."
         if m in self._failed:
-            return f"❌ `{m}` could not be loaded: {self._failed[m][1]}"
+            return f"❌ {self._failed[m][1]}"
         if m in self._loading:
-            return f"⏳ `{m}` is loading and calibrating…"
-        return f"`{m}` loads on the first Generate (and is calibrated once; later changes of bits never recalibrate)."
+            return f"⏳ `{name}` is loading and calibrating…"
+        return f"`{name}` loads on the first Generate (and is calibrated once; later changes of bits never recalibrate)."
 
     @property
     def loading(self) -> set[str]:
@@ -182,11 +186,12 @@ class Engine:
 
     def cached_model(self, model_id: str | None = None) -> LoadedModel | None:
         """The model if it is already loaded (never loads)."""
-        return self._models.get(self.normalize(model_id) or self.default_model)
+        return self._models.get(self.normalize(model_id))
 
     def model(self, model_id: str | None = None, progress: Progress | None = None) -> LoadedModel:
-        """The loaded, calibrated model; raises `dgq.ModelLoadError` with a one-line reason."""
-        m = self.normalize(model_id) or self.default_model
+        """The loaded, calibrated model; raises `dgq.ModelLoadError` with a one-line reason that
+        names no server path (the details go to the server log)."""
+        m = self.normalize(model_id)
         with self._dict_lock:
             lm = self._models.get(m)
             if lm is not None:
@@ -202,13 +207,17 @@ class Engine:
             self._loading.add(m)
             try:
                 lm = self._load(m, progress)
-            except dgq.ModelLoadError as e:
-                self._failed[m] = (time.time(), str(e))
-                raise
-            except FileNotFoundError as e:  # e.g. no calibration prompts for this model
-                msg = f"cannot calibrate model {m!r}: {e}"
+            except Exception as e:  # noqa: BLE001 - every load failure becomes one public line
+                log.warning("loading model %s failed: %s: %s", m, type(e).__name__, e)
+                if isinstance(e, dgq.ModelLoadError):
+                    reason = e.public
+                elif isinstance(e, FileNotFoundError):  # e.g. no calibration prompts for this model
+                    reason = "it could not be calibrated (no calibration prompts for it on this server)"
+                else:
+                    reason = f"an internal error ({type(e).__name__}) occurred; the server log has the details"
+                msg = f"model `{self.policy.display(m)}` could not be loaded: {reason}"
                 self._failed[m] = (time.time(), msg)
-                raise dgq.ModelLoadError(msg) from e
+                raise dgq.ModelLoadError(msg, public=msg) from e
             finally:
                 self._loading.discard(m)
             self._failed.pop(m, None)
@@ -250,7 +259,7 @@ class Engine:
         do not slow down serving the page) or after `max_wait` seconds.
         """
 
-        m = self.normalize(model_id) or self.default_model
+        m = self.normalize(model_id)
         if self.cached_model(m) is None:
             self._loading.add(m)  # visible to status() before the thread gets the load lock
 
@@ -347,7 +356,7 @@ class Engine:
             "label": res.label,
             "config": res.config.to_dict(),
             "latency_s": round(res.seconds, 3),
-            "psnr_db": None if is_fp else _finite(psnr(res.image, fp.image)),
+            "psnr_db": None if is_fp else _psnr_shown(psnr(res.image, fp.image)),
             "ssim": None if is_fp else round(float(ssim(res.image, fp.image)), 4),
             "alignment": align,
             "alignment_metric": "evaluator" if lm.domain else "clip",
@@ -384,26 +393,26 @@ class Engine:
     def _load_evaluator(self):
         with self._scorer_lock:
             if self._evaluator is None and self._evaluator_reason is None:
-                try:
-                    from dgq.tiny.evaluator import load_evaluator  # noqa: PLC0415
+                from dgq.eval.scoring import load_shapes_evaluator  # noqa: PLC0415 - loaded on first use
 
-                    self._evaluator = load_evaluator()
-                except (FileNotFoundError, ValueError, OSError) as e:
-                    self._evaluator_reason = f"unavailable: {e}"
+                self._evaluator, reason = load_shapes_evaluator()
+                if self._evaluator is None:
+                    self._evaluator_reason = reason
             return self._evaluator
 
     def _load_clip(self):
         with self._scorer_lock:
             if self._clip is None and self._clip_reason is None:
-                from dgq.metrics import ClipScorer  # noqa: PLC0415
+                from dgq.eval.scoring import load_clip  # noqa: PLC0415 - loaded on first use
 
-                self._clip, reason = ClipScorer.try_load(C.CLIP_MODEL, C.CLIP_PRETRAINED, weights_path=C.CLIP_WEIGHTS)
+                self._clip, reason = load_clip(C.CLIP_MODEL, C.CLIP_PRETRAINED, C.CLIP_WEIGHTS)
                 if self._clip is None:
                     self._clip_reason = reason
             return self._clip
 
 
-def _finite(x: float) -> float | str:
+def _psnr_shown(x: float) -> float | str:
+    """PSNR as the app shows it: 2 decimals, or "identical" for identical images (PSNR = inf)."""
     x = float(x)
     return round(x, 2) if x != float("inf") else "identical"
 

@@ -10,9 +10,12 @@ from typing import Iterator
 
 import gradio as gr
 
+import dgq
+
 from app import constants as C
 from app.callbacks import Callbacks, wrap
 from app.engine import Engine, model_fingerprint
+from app.inputs import checkbox, float_slider, int_number, int_slider, model_dropdown, radio, textbox
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +34,26 @@ def _local_folder(model: str) -> Path | None:
     return p if (p / "model_index.json").exists() else None
 
 
+class StudioBlocks(gr.Blocks):
+    """`gr.Blocks` whose events say which inputs they take when a call sends too few or too many
+    values (Gradio's own check raises a bare ValueError, which a client receives as no message, and
+    ignores extra values)."""
+
+    def validate_inputs(self, block_fn, inputs: list) -> None:  # type: ignore[override]
+        wanted = [getattr(b, "label", None) or type(b).__name__ for b in block_fn.inputs]
+        if len(inputs) != len(wanted):
+            name = block_fn.api_name or block_fn.name or "this event"
+            raise gr.Error(f"{name}: received {len(inputs)} input values; allowed: exactly {len(wanted)} "
+                           f"({', '.join(map(str, wanted))})", print_exception=False)
+
+
 @contextmanager
 def _examples_cache(folder: Path) -> Iterator[None]:
-    """Cached examples go to a folder named after the model's weights, so a retrained model never
-    shows stale cached images (Gradio reads GRADIO_EXAMPLES_CACHE when Examples is built)."""
+    """Cached examples go to the app's cache folder ($DGQ_CACHE/app, never the checkout), in a
+    folder named after the model's weights, so a retrained model never shows stale cached images
+    (Gradio reads GRADIO_EXAMPLES_CACHE when Examples is built)."""
     old = os.environ.get("GRADIO_EXAMPLES_CACHE")
-    base = Path(old) if old else Path(".gradio") / "cached_examples"
+    base = Path(old) if old else dgq.cache_dir() / "app" / "cached_examples"
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(base / f"dgq-{model_fingerprint(folder)}")
     try:
         yield
@@ -63,44 +80,52 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
     if cache_examples is None:
         cache_examples = folder is not None and engine.default_model == C.EMBEDDED
     g0 = engine.default_guidance(engine.default_model)
+    default_name = engine.policy.display(engine.default_model)
 
-    with gr.Blocks(title=C.TITLE) as demo:
+    with StudioBlocks(title=C.TITLE, delete_cache=C.DELETE_CACHE) as demo:
         state = gr.State(None)
         gr.Markdown(f"# {C.TITLE}\n{C.INTRO}")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", value=C.DEFAULT_PROMPT, lines=2, max_lines=6,
-                                    placeholder="a red circle to the left of a blue square", elem_id="prompt")
+                prompt = textbox("prompt", C.MAX_PROMPT_CHARS, label="Prompt", value=C.DEFAULT_PROMPT, lines=2,
+                                 max_lines=6, placeholder="a red circle to the left of a blue square", elem_id="prompt")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=C.MAX_SEED,
-                                     elem_id="seed", scale=3)
+                    seed = int_number("seed", 0, C.MAX_SEED, label="Seed", value=0, elem_id="seed", scale=3)
                     seed_btn = gr.Button("🎲 Random seed", scale=1, size="sm", elem_id="random-seed")
                 with gr.Row():
-                    steps = gr.Slider(1, C.MAX_STEPS, value=C.DEFAULT_STEPS, step=1, precision=0, label="Steps",
-                                      elem_id="steps")
-                    guidance = gr.Slider(0.0, C.MAX_GUIDANCE, value=g0, step=0.5, label="Guidance",
-                                         elem_id="guidance", info="the model's own scale by default (SD: 7.5)")
-                model = gr.Dropdown(C.MODEL_CHOICES, value=engine.default_model, allow_custom_value=True,
-                                    label="Model", elem_id="model",
-                                    info="'tiny' = the embedded 64×64 shapes model; or any SD-1.x Hub id / local folder")
+                    steps = int_slider("steps", 1, C.MAX_STEPS, value=C.DEFAULT_STEPS, label="Steps", elem_id="steps")
+                    guidance = float_slider("guidance", 0.0, C.MAX_GUIDANCE, value=g0, step=0.5, label="Guidance",
+                                            elem_id="guidance", info="the model's own scale by default (SD: 7.5)")
+                local = "; or a local diffusers folder" if engine.policy.allow_local else ""
+                model = model_dropdown(engine.policy.choices(), value=default_name, label="Model", elem_id="model",
+                                    info=f"'tiny' = the embedded 64×64 shapes model; or a listed SD-1.x model{local}")
                 model_md = gr.Markdown(engine.status(engine.default_model), elem_id="model-status")
             with gr.Column(scale=2):
-                w_bits = gr.Slider(C.W_MIN, C.W_MAX, value=C.DEFAULT_W, step=1, precision=0, label="W bits (weights)",
-                                   elem_id="w-bits")
-                a_bits = gr.Slider(C.A_MIN, C.A_MAX, value=C.DEFAULT_A, step=1, precision=0,
-                                   label="A bits (activations & attention)", elem_id="a-bits")
-                groups = gr.Radio(C.GROUPS, value=C.DEFAULT_K, label="DGQ groups K", elem_id="groups")
-                baseline = gr.Radio([(v, k) for k, v in C.BASELINES.items()], value="tfmq", label="Baseline",
-                                    elem_id="baseline")
+                w_bits = int_slider("w_bits", C.W_MIN, C.W_MAX, value=C.DEFAULT_W, label="W bits (weights)",
+                                    elem_id="w-bits")
+                a_bits = int_slider("a_bits", C.A_MIN, C.A_MAX, value=C.DEFAULT_A,
+                                    label="A bits (activations & attention)", elem_id="a-bits")
+                groups = radio("groups", C.GROUPS, value=C.DEFAULT_K, label="DGQ groups K", elem_id="groups")
+                baseline = radio("baseline", [(v, k) for k, v in C.BASELINES.items()], value="tfmq", label="Baseline",
+                                 elem_id="baseline")
                 with gr.Accordion("DGQ components (ablations)", open=False):
-                    use_groups = gr.Checkbox(True, label="outlier-preserving groups",
-                                             info="off = one per-tensor range (K=1)")
-                    axis = gr.Radio(C.AXES, value="auto", label="grouping axis",
-                                    info="auto = per layer and timestep, whichever of D_channel / D_pixel is larger")
-                    log_quant = gr.Checkbox(True, label="log2 quantizer for attention probabilities")
-                    start_token = gr.Checkbox(True, label="<start> token kept in full precision")
-                    dynamic_scale = gr.Checkbox(True, label="dynamic (prompt-specific) attention scale")
-                    time_aware = gr.Checkbox(True, label="time-aware parameters (one set per timestep)")
+                    use_groups = checkbox("use_groups", True, label="outlier-preserving groups",
+                                          info="off = one per-tensor range (K=1)")
+                    axis = radio("axis", C.AXES, value="auto", label="grouping axis",
+                                 info="auto = per layer and timestep, whichever of D_channel / D_pixel is larger")
+                    log_quant = checkbox("log_quant", True, label="log2 quantizer for attention probabilities")
+                    start_token = checkbox("start_token", True, label="<start> token kept in full precision")
+                    dynamic_scale = checkbox("dynamic_scale", True, label="dynamic (prompt-specific) attention scale")
+                    time_aware = checkbox("time_aware", True, label="time-aware parameters (one set per timestep)")
+                with gr.Row():
+                    weight_rounding = radio("weight_rounding", C.ROUNDINGS, value="nearest", label="weight rounding",
+                                            elem_id="weight-rounding",
+                                            info="adaround = rounding learned by BRECQ block reconstruction (the "
+                                                 "paper's SD recipe), where `dgq reconstruct` stored one for this W")
+                    execution = radio("execution", C.EXECUTIONS, value="simulated", label="execution",
+                                      elem_id="execution",
+                                      info="int8 = integer GEMMs on the codes (A = 8), equal to simulated up to "
+                                           "fp32 rounding")
         gen_btn = gr.Button("Generate FP · baseline · DGQ", variant="primary", elem_id="generate")
         notice = gr.Markdown("", label="notice", elem_id="notice", elem_classes="dgq-notice")
 
@@ -123,9 +148,9 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                     metrics = gr.JSON(label="metrics", elem_id="metrics")
                 outputs = [fp_img, base_img, dgq_img, fp_md, base_md, dgq_md, wipe, notice, metrics, state]
                 ex_inputs = [prompt, model, seed, steps, guidance, w_bits, a_bits, groups, baseline, use_groups, axis,
-                             log_quant, start_token, dynamic_scale, time_aware]
-                toggles = [True, "auto", True, True, True, True]
-                domain = [[p, engine.default_model, 0, C.DEFAULT_STEPS, g0, C.DEFAULT_W, C.DEFAULT_A,
+                             log_quant, start_token, dynamic_scale, time_aware, weight_rounding, execution]
+                toggles = [True, "auto", True, True, True, True, "nearest", "simulated"]
+                domain = [[p, default_name, 0, C.DEFAULT_STEPS, g0, C.DEFAULT_W, C.DEFAULT_A,
                            C.DEFAULT_K, "tfmq", *toggles] for p in C.DOMAIN_EXAMPLES]
                 domain_label = "Shapes-domain prompts (embedded model)"
                 cached_examples = None
@@ -169,8 +194,8 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                                      elem_id="out-spread")
                 with gr.Accordion("Outlier-drop demo (paper Fig. 4a)", open=True):
                     with gr.Row():
-                        drop_k = gr.Slider(1, 64, value=1, step=1, precision=0, label="k entries zeroed per layer input",
-                                           elem_id="drop-k")
+                        drop_k = int_slider("k", 1, 64, value=1, label="k entries zeroed per layer input",
+                                            elem_id="drop-k")
                         drop_btn = gr.Button("Run outlier-drop demo", elem_id="drop-run")
                     with gr.Row():
                         drop_fp = gr.Image(label="FP", type="pil", format="png", interactive=False)
@@ -180,7 +205,7 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                     drop_md = gr.Markdown()
 
         quant_inputs = [w_bits, a_bits, groups, baseline, use_groups, axis, log_quant, start_token, dynamic_scale,
-                        time_aware]
+                        time_aware, weight_rounding, execution]
         gen_inputs = [prompt, seed, steps, guidance, model, *quant_inputs, state]
         att_io = dict(inputs=[state, att_res, att_layer, att_t],
                       outputs=[att_gallery, att_mass, att_hist, att_max, att_res, att_layer, att_t, att_info])
@@ -197,7 +222,8 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
         gen.success(fn["outlier_view"], **out_io, **view_opts)
 
         requant = gr.on([w_bits.release, a_bits.release, groups.input, baseline.input, use_groups.input, axis.input,
-                         log_quant.input, start_token.input, dynamic_scale.input, time_aware.input],
+                         log_quant.input, start_token.input, dynamic_scale.input, time_aware.input,
+                         weight_rounding.input, execution.input],
                         fn["requantize"], [*quant_inputs, state],
                         [base_img, dgq_img, base_md, dgq_md, wipe, metrics, state],
                         api_visibility="private", trigger_mode="always_last", **gpu_opts)
@@ -216,7 +242,7 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                        api_visibility="private", **gpu_opts)
         seed_btn.click(fn["random_seed"], None, seed, queue=False, api_visibility="private")
         model.change(fn["model_status"], model, model_md, queue=False, api_visibility="private")
-        model.change(engine.default_guidance, model, guidance, queue=False, api_visibility="private")
+        model.change(fn["model_guidance"], model, guidance, queue=False, api_visibility="private")
         status_timer = gr.Timer(1.5, active=False)
         demo.load(fn["status_tick"], model, [model_md, status_timer], queue=False, api_visibility="private")
         status_timer.tick(fn["status_tick"], model, [model_md, status_timer], queue=False, api_visibility="private")

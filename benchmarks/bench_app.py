@@ -6,9 +6,9 @@ Targets on the embedded model with 2 CPU cores:
   * from `python app.py` to a served page                                 ≤ 20 s
 
 Usage:
-    python benchmarks/bench_app.py                 # the embedded model ("tiny") if present
-    python benchmarks/bench_app.py --model random  # a random model of the embedded architecture
-    python benchmarks/bench_app.py --threads 2 --repeats 3
+    python -m benchmarks.bench_app                 # the embedded model ("tiny") if present
+    python -m benchmarks.bench_app --model random  # a random model of the embedded architecture
+    python -m benchmarks.bench_app --threads 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -83,8 +82,8 @@ def bench_startup(model: str, env_extra: dict[str, str], timeout: float = 120.0)
 def bench_callbacks(model: str, repeats: int, steps: int) -> dict[str, list[float]]:
     from app import constants as C
     from app.callbacks import Callbacks
-    from app.testing import CALIB_PROMPTS
     from app.engine import Engine
+    from app.testing import CALIB_PROMPTS
 
     small = model != "tiny"
     eng = Engine(default_model=model, calib_prompts=CALIB_PROMPTS if small else None,
@@ -103,7 +102,7 @@ def bench_callbacks(model: str, repeats: int, steps: int) -> dict[str, list[floa
         state = r[-1]
         t = time.perf_counter()
         r2 = cb.requantize(C.DEFAULT_W, C.DEFAULT_A + 1 - (i % 2) * 2, C.DEFAULT_K, "tfmq", True, "auto", True, True,
-                           True, True, state, progress=_quiet)
+                           True, True, "nearest", "simulated", state, progress=_quiet)
         out["slider"].append(time.perf_counter() - t)
         t = time.perf_counter()
         cb.attention_view(r2[-1], "all", "all", "all")
@@ -127,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from app import constants as C
     from dgq.loading import TINY_DIR
+
+    from app import constants as C
 
     model = a.model or ("tiny" if (TINY_DIR / "model_index.json").exists() else "random")
     model = _model(model)

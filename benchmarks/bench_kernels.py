@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -46,7 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from dgq import kernels, quantizer
+    from dgq import kernels
     from dgq.quantizer import ActQuant, ProbQuant, apply_act, apply_prob
 
     if kernels.library() is None:
@@ -93,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         times: dict[str, list[float]] = {}
         for path in ("eager", "kernel", "eager", "kernel"):
             kernels.usable = never if path == "eager" else always
-            quantizer._LAYOUTS.clear()
+            kernels._LAYOUTS.clear()
             if kind == "act":
                 q._by_input.clear()
             run()  # warm-up (plans, page faults)

@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TUNING_SEED = 80_000_000
@@ -51,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import dgq
     from dgq.tiny.evaluator import load_evaluator
-    from dgq.tiny.train import _images
+    from dgq.tiny.render import render_batch as _images
 
     torch.manual_seed(0)
     pipe = dgq.load_pipeline(a.model, device="cpu")

@@ -1,6 +1,6 @@
 """What a guidance-distilled embedded model can reach at most, measured without training one.
 
-`python -m dgq.tiny.train_gpu train --teacher T --guided S:E --guided-below B --guided-full F`
+`python -m dgq.tiny.train train --teacher T --guided S:E --guided-below B --guided-full F`
 trains a student whose conditional branch is v_u + w(t)·(v_c − v_u) of the teacher's, with
 w = 1 − r(t)·(1 − E/S) and r = 1 below F, falling linearly to 0 at B. A perfect student sampled at
 scale S is therefore the teacher with the per-step scale S·w(t). This script samples exactly that
@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 KEYS = ("single_color", "single_shape", "single_position", "pair_colors")
 
@@ -45,10 +42,10 @@ def weight(t: float, scale: float, schedule: tuple[float, float, float] | None) 
     """w(t) of the module docstring: the share of (v_c − v_u) a perfect student keeps at t."""
     if schedule is None:
         return 1.0
-    from dgq.tiny.train_gpu import _ramp  # noqa: PLC0415 - the trainer's own ramp, so the two cannot drift
+    from dgq.tiny.train import ramp  # the trainer's own ramp, so the two cannot drift
 
     e, full, below = schedule
-    r = float(_ramp(torch.tensor([t]), below, full))
+    r = float(ramp(torch.tensor([t]), below, full))
     return 1.0 - r * (1.0 - e / scale)
 
 
@@ -64,9 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     schedules = [(s, parse_schedule(s)) for s in (a.schedule or ["none", "1.5:650:700"])]
 
-    import dgq  # noqa: PLC0415
-    from dgq.tiny.evaluator import load_evaluator  # noqa: PLC0415
-    from dgq.tiny.render import sample  # noqa: PLC0415
+    import dgq
+    from dgq.tiny.evaluator import load_evaluator
+    from dgq.tiny.render import sample
 
     pipe = dgq.load_pipeline(a.model, device="cpu")
     prompts = [sample(a.prompt_seed + i)[1] for i in range(a.n)]
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(pipe, evaluator, prompts: list[str], scale: float, schedules: list, steps: int = 25) -> dict:
     """Scores per schedule; the pipeline's UNet is rewritten per call and restored afterwards."""
-    from dgq.tiny.train_gpu import quick_score  # noqa: PLC0415
+    from dgq.tiny.train import quick_score
 
     pipe.set_progress_bar_config(disable=True)
     unet, real = pipe.unet, pipe.unet.forward

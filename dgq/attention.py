@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgq import int8 as int8_exec
 from dgq.context import active
 from dgq.quantizer import apply_act, apply_prob
 
@@ -108,8 +109,15 @@ class DGQAttnProcessor:
             ctx.collector.observe(f"{name}.k", k, "k", cross)
             ctx.collector.observe(f"{name}.v", v, "v", cross)
         params = ctx.params
+        scores = None
+        if int8_exec.wants_int8(ctx):  # Q·Kᵀ on int8 codes (None = it fell back, logged once)
+            aq, ak = params.act(f"{name}.q", ctx.t_key), params.act(f"{name}.k", ctx.t_key)
+            if aq is not None and ak is not None:
+                scores = int8_exec.attention_scores(f"{name}.qk", q, k, aq, ak, attn.scale)
         if params is not None:
             for site, kind in (("q", "q"), ("k", "k"), ("v", "v")):
+                if scores is not None and site != "v":
+                    continue  # already consumed as codes by the integer Q·Kᵀ
                 aq = params.act(f"{name}.{site}", ctx.t_key)
                 if aq is None:
                     continue
@@ -126,10 +134,11 @@ class DGQAttnProcessor:
         # one batched GEMM over (batch, head) with the softmax scale folded in (no extra pass
         # over the scores); q and k are views of the quantizer's contiguous [B, heads, T, d]
         # output, copies only on the unquantized or eager path
-        buf = _scores_buffer(torch.Size((b, h, n, nk)), q)
-        scores = q.new_empty((b, h, n, nk)) if buf is None else buf
-        scores.view(b * h, n, nk).baddbmm_(q.reshape(b * h, n, d), k.reshape(b * h, nk, d).transpose(1, 2),
-                                           beta=0.0, alpha=attn.scale)
+        if scores is None:
+            buf = _scores_buffer(torch.Size((b, h, n, nk)), q)
+            scores = q.new_empty((b, h, n, nk)) if buf is None else buf
+            scores.view(b * h, n, nk).baddbmm_(q.reshape(b * h, n, d), k.reshape(b * h, nk, d).transpose(1, 2),
+                                               beta=0.0, alpha=attn.scale)
         if mask is not None:
             scores += mask.float()
         probs = torch.softmax(scores, -1, out=scores)

@@ -119,15 +119,17 @@ def load_embedded(model: str, device: str | None, dtype: str | None):
         return pipe, "random (assets/tiny-sd missing: architecture only)"
 
 
-def _variants(w: int, a: int):
+def _variants(w: int, a: int, execution: str = "simulated"):
     import dgq  # noqa: PLC0415
 
-    return {"fp": dgq.FP, "baseline": dgq.BaselineConfig(w, a, "tfmq"), "dgq": dgq.DGQConfig(w, a, groups=16)}
+    return {"fp": dgq.FP, "baseline": dgq.BaselineConfig(w, a, "tfmq", execution=execution),
+            "dgq": dgq.DGQConfig(w, a, groups=16, execution=execution)}
 
 
 # ----------------------------------------------------------------------------- measurements
 def bench_pipeline(pipe, prompts: list[str], calib_steps: int = 25, steps: int = 25, repeats: int = 3,
-                   w_bits: int = 8, a_bits: int = 8, weight_search: str = "mse") -> tuple[dict[str, Any], Any]:
+                   w_bits: int = 8, a_bits: int = 8, weight_search: str = "mse",
+                   execution: str = "simulated") -> tuple[dict[str, Any], Any]:
     """Calibration (of `prompts`, cache off), per-step and end-to-end latency of FP/baseline/DGQ,
     and the bit-switch cost. Returns (figures, the calibration)."""
     import dgq  # noqa: PLC0415
@@ -143,7 +145,7 @@ def bench_pipeline(pipe, prompts: list[str], calib_steps: int = 25, steps: int =
     # GC's reach, so a full collection (~0.5 s over ~600k objects) does not land in a timing
     gc.collect()
     gc.freeze()
-    variants = _variants(w_bits, a_bits)
+    variants = _variants(w_bits, a_bits, execution)
     first = {}
     for name, cfg in variants.items():  # warm-up: fills the weight cache and the parameter cache
         first[name] = studio.generate(PROMPT, seed=0, config=cfg, steps=steps).seconds
@@ -215,7 +217,7 @@ def bench_pipeline(pipe, prompts: list[str], calib_steps: int = 25, steps: int =
 
 
 def bench_unet_step(unet, batch: int = 2, repeats: int = 2, w_bits: int = 8, a_bits: int = 8, groups: int = 16,
-                    text_len: int = 77, timestep: int = 981) -> dict[str, Any]:
+                    text_len: int = 77, timestep: int = 981, execution: str = "simulated") -> dict[str, Any]:
     """One UNet call FP vs DGQ on random inputs, DGQ calibrated on that same call (min/max weights).
 
     `batch` 2 is one classifier-free-guidance step of one image.
@@ -248,7 +250,7 @@ def bench_unet_step(unet, batch: int = 2, repeats: int = 2, w_bits: int = 8, a_b
     call(RunContext(collector=collector))
     calib = collector.finalize({"model": "random-weights"})
     calib_s = time.perf_counter() - t0
-    params = QuantParams(calib, dgq.DGQConfig(w_bits, a_bits, groups=groups), device=device)
+    params = QuantParams(calib, dgq.DGQConfig(w_bits, a_bits, groups=groups, execution=execution), device=device)
     fp_first = call(RunContext())
     dgq_first = call(RunContext(params=params))  # includes quantizing every weight once
     fp, dq = [], []
@@ -443,7 +445,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             calib = None
             if not args.no_embedded:
                 report["embedded"][dev], calib = bench_pipeline(pipe, prompts, calib_steps, steps, repeats, w, a,
-                                                                args.weight_search)
+                                                                args.weight_search, args.execution)
             if not args.no_memory:
                 if calib is None:
                     calib = dgq.calibrate(pipe, prompts, steps=calib_steps, cache=False, progress=False)
@@ -456,7 +458,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             torch.manual_seed(0)
             unet = build_unet("sd-v1-4", device=dev, dtype=dt)
             report["sd_unet_step"][dev] = bench_unet_step(unet, batch=args.sd_batch or (1 if quick else 2),
-                                                          repeats=1 if quick else 2, w_bits=w, a_bits=a)
+                                                          repeats=1 if quick else 2, w_bits=w, a_bits=a,
+                                                          execution=args.execution)
             del unet
     return report
 
@@ -481,7 +484,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register ``bench`` on the ``python -m dgq`` subparsers."""
-    from dgq.cli import _add_model_args  # noqa: PLC0415
+    from dgq.cli_common import add_model_args as _add_model_args  # noqa: PLC0415
 
     p = sub.add_parser("bench", help="latency, bit-switch, calibration and memory benchmarks",
                        description="FP vs baseline vs DGQ on the embedded model, plus one SD v1.4 UNet step "
@@ -496,6 +499,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-prompts", type=int, default=None, help="calibration prompts (default 64; quick 16)")
     p.add_argument("--calib-steps", type=int, default=None, help="calibration steps (default 25; quick 10)")
     p.add_argument("--weight-search", default="mse", choices=["mse", "minmax"])
+    p.add_argument("--execution", default="simulated", choices=["simulated", "int8"],
+                   help="quantized variants run simulated (fp32 fake quantization) or on integer GEMMs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--sd-batch", type=int, default=None, help="SD UNet batch (default 2 = one CFG step; quick 1)")
     p.add_argument("--no-sd", action="store_true", help="skip the SD v1.4 UNet step (3.4 GB of random weights)")

@@ -172,3 +172,13 @@ def bops(unet: nn.Module | MacCount, w_bits: int = 32, a_bits: int = 32) -> Bops
 def _is_meta(unet: nn.Module) -> bool:
     p = next(unet.parameters(), None)
     return p is not None and p.device.type == "meta"
+
+
+def si(value: float, unit: str = "", sep: str = " ") -> str:
+    """A count with an SI prefix, 3 significant digits: ``si(1.93e13, "BOPs") == "19.3 TBOPs"``.
+    The one formatter of BOPs/MACs for the app and the evaluation tables."""
+    for f, p in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= f:
+            return f"{value / f:.3g}{sep}{p}{unit}"
+    return f"{value:.3g}{sep if unit else ''}{unit}"
+

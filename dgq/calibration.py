@@ -391,9 +391,11 @@ class Calibration:
         if not st.exists() or not js.exists():
             raise CalibrationMismatch(f"no calibration at {path}")
         try:
-            meta = json.loads(js.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            meta = json.loads(js.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CalibrationMismatch(f"unreadable calibration metadata {js}: {e}") from e
+        if not isinstance(meta, dict):
+            raise CalibrationMismatch(f"calibration metadata {js} is not a JSON object")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CalibrationMismatch(f"calibration format {meta.get('format_version')} != {FORMAT_VERSION}")
         for k, v in (expect or {}).items():
@@ -406,8 +408,12 @@ class Calibration:
         except (SafetensorError, OSError) as e:
             raise CalibrationMismatch(f"unreadable calibration tensors {st}: {e}") from e
         tensors = {k: v.float() if v.dtype in (torch.float16, torch.float64) else v for k, v in tensors.items()}
-        sites = {n: _site_from_json(n, d) for n, d in meta.pop("sites").items()}
-        t_keys = [int(t) for t in meta.pop("t_keys")]
+        try:
+            sites, t_keys = _validated(meta, tensors)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CalibrationMismatch(f"calibration {js} does not hold a valid calibration: "
+                                      f"{type(e).__name__}: {e}") from e
+        meta = {k: v for k, v in meta.items() if k not in ("sites", "t_keys")}
         return cls(tensors, sites, t_keys, meta)
 
 
@@ -421,6 +427,44 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _validated(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, SiteInfo], list[int]]:
+    """Sites and timesteps of a loaded calibration, checked against its tensors: a file that parses
+    but lacks a field, holds a wrong type or a tensor of the wrong length is rejected (and rebuilt
+    by `calibrate`) instead of failing later, in every run, deep inside a quantizer."""
+    raw_sites, raw_t = meta["sites"], meta["t_keys"]
+    if not isinstance(raw_sites, dict) or not raw_sites:
+        raise TypeError("'sites' must be a non-empty object")
+    if not isinstance(raw_t, list) or not raw_t or not all(isinstance(t, int) and not isinstance(t, bool) for t in raw_t):
+        raise TypeError("'t_keys' must be a non-empty list of integers")
+    if ALL not in raw_t:
+        raise ValueError("'t_keys' lacks the all-timesteps key")
+    sites = {}
+    for name, d in raw_sites.items():
+        if not isinstance(d, dict):
+            raise TypeError(f"site {name!r} is not an object")
+        info = _site_from_json(name, d)
+        if info.kind not in ("conv", "linear", "linear2", "q", "k", "v", "p") or not isinstance(info.cross, bool):
+            raise ValueError(f"site {name!r} has kind={info.kind!r}, cross={info.cross!r}")
+        if not isinstance(info.channels, int) or not all(isinstance(n, int) and n > 0 for n in info.pixel_shape):
+            raise TypeError(f"site {name!r} has channels={info.channels!r}, pixel_shape={info.pixel_shape!r}")
+        if info.conv is not None and not isinstance(info.conv, dict):
+            raise TypeError(f"site {name!r} has conv={info.conv!r}")
+        sites[name] = info
+    for key, t in tensors.items():
+        site = key.split("|", 1)[0]
+        if site not in sites:
+            raise ValueError(f"tensor {key!r} belongs to no site")
+        fld = key.split("|")[1] if "|" in key else ""
+        if fld != "sample" and (t.dim() == 0 or t.shape[0] != len(raw_t)):
+            raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}; expected one row per timestep ({len(raw_t)})")
+        if fld in ("ch_min", "ch_max") and (t.dim() != 2 or t.shape[1] != sites[site].channels):
+            raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}; site has {sites[site].channels} channels")
+    missing = [n for n in sites if not any(k.startswith(n + "|") for k in tensors)]
+    if missing:
+        raise ValueError(f"no statistics for site(s) {missing[:3]}")
+    return sites, [int(t) for t in raw_t]
 
 
 def _site_to_json(i: SiteInfo) -> dict[str, Any]:

@@ -14,23 +14,26 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dgq import bench
+from dgq import eval as evaluation
+from dgq.cli_common import CliError
+from dgq.cli_common import add_model_args as _add_model_args
+from dgq.cli_common import save_png as _save_png
+
 log = logging.getLogger("dgq")
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+# The subcommands defined in their own modules: name -> the function that adds its parser.
+# Imported like any module, so one that fails to import stops `python -m dgq` with its error
+# instead of its command silently going missing.
+MODULE_COMMANDS: dict[str, Callable[[Any], None]] = {
+    "eval": evaluation.add_parser,
+    "bench": bench.add_parser,
+}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of usage + message
         raise CliError(f"{self.prog}: {message} (see --help)")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded), a local diffusers folder, or a Hub id (default: tiny)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="model dtype (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--cache-dir", default=None, help="calibration cache folder (default: $DGQ_CACHE or ~/.cache/dgq)")
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +48,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-scale", action="store_true", help="DGQ: calibrated instead of dynamic log scale")
     p.add_argument("--scale-scope", default="sample", choices=["sample", "batch"], help="DGQ: dynamic max per prompt or per batch")
     p.add_argument("--no-time-aware", action="store_true", help="DGQ: one parameter set for all timesteps")
+    p.add_argument("--weight-rounding", default="nearest", choices=["nearest", "adaround"],
+                   help="weights rounded to nearest, or with the AdaRound rounding `reconstruct` stored (default nearest)")
+    p.add_argument("--execution", default="simulated", choices=["simulated", "int8"],
+                   help="simulated = fake quantization in fp32; int8 = integer GEMMs on the codes (W<=8, A=8; "
+                        "same images up to fp32 rounding, see docs/int8.md)")
 
 
 def config_from_args(a: argparse.Namespace):
@@ -55,7 +63,9 @@ def config_from_args(a: argparse.Namespace):
         opts = dict(groups=a.groups, use_groups=not a.no_groups, axis=a.axis, log_quant=not a.no_log,
                     start_token=not a.no_start_token, dynamic_scale=not a.static_scale,
                     scale_scope=a.scale_scope, time_aware=not a.no_time_aware)
-    return make_config(a.method, w_bits=a.w_bits, a_bits=a.a_bits, **opts)
+    rounding = getattr(a, "weight_rounding", "nearest")
+    return make_config(a.method, w_bits=a.w_bits, a_bits=a.a_bits, weight_rounding=rounding,
+                       execution=getattr(a, "execution", "simulated"), **opts)
 
 
 def _set_cache(a: argparse.Namespace) -> None:
@@ -113,7 +123,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     config = config_from_args(a)
     prompts = [a.prompt] if a.prompt is not None else read_prompts(a.prompts_file)
     pipe = _load(a)
-    calib = None if isinstance(config, FPConfig) else calibrate(pipe, steps=a.calib_steps)
+    calib = None
+    if not isinstance(config, FPConfig):  # the calibration `calibrate` makes with the same options
+        calib_prompts = read_prompts(a.calib_prompts_file) if a.calib_prompts_file else None
+        calib = calibrate(pipe, calib_prompts, steps=a.calib_steps, guidance=a.calib_guidance,
+                          batch_size=a.calib_batch_size)
     studio = Studio(pipe, calib)
     if a.prompt is not None:
         g = studio.generate(a.prompt, seed=a.seed, config=config, steps=a.steps, guidance=a.guidance)
@@ -138,14 +152,40 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _save_png(img, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def cmd_reconstruct(a: argparse.Namespace) -> int:
+    from dgq.adaround import ReconSettings  # noqa: PLC0415
+    from dgq.reconstruction import reconstruct_cached  # noqa: PLC0415
+    from dgq.studio import read_prompts  # noqa: PLC0415
+
+    _set_cache(a)
+    try:
+        bits = [int(b) for b in a.w_bits.split(",") if b.strip()]
+    except ValueError as e:
+        raise CliError(f"reconstruct: --w-bits {a.w_bits!r} is not a comma-separated list of integers") from e
+    if not bits or any(not 2 <= b <= 8 for b in bits):
+        raise CliError(f"reconstruct: --w-bits {a.w_bits!r}; allowed: 2..8, e.g. 4 or 4,8")
+    given = {k: getattr(a, k) for k in ("iters", "batch_size", "samples", "lr", "steps", "guidance", "seed")}
+    try:
+        settings = ReconSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise CliError(f"reconstruct: {e}") from e
+    prompts = read_prompts(a.prompts_file) if a.prompts_file else None
+    pipe = _load(a)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    done = reconstruct_cached(pipe, bits, settings, prompts, weight_search=a.weight_search, folder=a.out_dir,
+                              force=a.force, report=say, threads=a.threads)
+    print(json.dumps([{"w_bits": r.bits, "path": str(path), "learned_now": built, "seconds": r.meta.get("seconds"),
+                       "units": len(r.meta.get("units", [])),
+                       "units_lower_mse": sum(not u["kept_nearest"] for u in r.meta.get("units", []))}
+                      for r, path, built in done]))
+    return 0
 
 
 def cmd_bops(a: argparse.Namespace) -> int:
-    from dgq.bops import build_unet, bops, count_macs, to_meta  # noqa: PLC0415
+    from dgq.bops import bops, build_unet, count_macs, to_meta  # noqa: PLC0415
 
     if (a.arch is None) == (a.model is None):
         raise CliError("bops: give exactly one of --arch or --model")
@@ -184,6 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. 2,3,4,5,6,7,8) and keep them in the cache, so switching to them skips the search")
     c.set_defaults(func=cmd_calibrate)
 
+    r = sub.add_parser("reconstruct", help="learn the weights' AdaRound rounding by BRECQ block reconstruction (stored)")
+    _add_model_args(r)
+    r.add_argument("--w-bits", required=True, help="weight bits, one or a comma-separated list (e.g. 4 or 4,8)")
+    # defaults (None here) are ReconSettings' (dgq/adaround.py), the one place they are set
+    r.add_argument("--iters", type=int, default=None, help="Adam steps per block (default 200; the authors: 20000)")
+    r.add_argument("--batch-size", type=int, default=None, help="samples per step (default 8, as the authors)")
+    r.add_argument("--samples", type=int, default=None, help="UNet inputs drawn from the calibration runs (default 128)")
+    r.add_argument("--lr", type=float, default=None, help="Adam learning rate on the rounding variables (default 3e-3)")
+    r.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs (default 25)")
+    r.add_argument("--guidance", type=float, default=None, help="CFG scale of the calibration runs (default: the model's)")
+    r.add_argument("--seed", type=int, default=None, help="sample choice and batch order (default 0)")
+    r.add_argument("--prompts-file", default=None, help="calibration prompts (default: the 64 of `calibrate`)")
+    r.add_argument("--weight-search", default="mse", choices=["mse", "minmax"], help="weight range search (default mse)")
+    r.add_argument("--out-dir", default=None, help="where to store the rounding (default: $DGQ_CACHE/adaround)")
+    r.add_argument("--force", action="store_true", help="learn again even if a valid stored rounding exists")
+    r.add_argument("--threads", type=int, default=1, help="torch threads while it runs (default 1: the blocks' "
+                   "tensors are small, so more threads mostly add hand-off costs)")
+    r.set_defaults(func=cmd_reconstruct)
+
     g = sub.add_parser("generate", help="generate images with one method")
     _add_model_args(g)
     _add_quant_args(g)
@@ -195,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's; 7.5 for SD)")
     g.add_argument("--calib-steps", type=int, default=25, help="steps of the calibration to use (default 25)")
+    g.add_argument("--calib-prompts-file", default=None,
+                   help="prompts of the calibration to use (as `calibrate --prompts-file`; default: 64 built-in)")
+    g.add_argument("--calib-guidance", type=float, default=None,
+                   help="CFG scale of the calibration to use (as `calibrate --guidance`; default: the model's)")
+    g.add_argument("--calib-batch-size", type=int, default=8,
+                   help="batch size of the calibration to use (as `calibrate --batch-size`; default 8)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bops", help="BOPs, MACs, parameters and size (no weights needed for --arch)")
@@ -205,12 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bops)
 
-    for name, module in (("eval", "dgq.evaluate"), ("bench", "dgq.bench")):
-        try:
-            mod = __import__(module, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        mod.add_parser(sub)
+    for name, add_parser in MODULE_COMMANDS.items():
+        add_parser(sub)
+        if name not in sub.choices:
+            raise RuntimeError(f"{add_parser.__module__}.add_parser did not register the {name!r} subcommand")
     return p
 
 

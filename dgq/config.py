@@ -6,6 +6,7 @@ same calibration serves every config, so a config is cheap to build and to chang
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any, ClassVar
@@ -15,6 +16,8 @@ GROUP_CHOICES = (1, 2, 4, 8, 16)
 W_BITS = range(2, 9)
 A_BITS = range(4, 9)
 OFF = 16  # bit-width meaning "not quantized"
+EXECUTIONS = ("simulated", "int8")  # fake-quant fp32 arithmetic, or integer GEMMs (dgq.int8)
+WEIGHT_ROUNDINGS = ("nearest", "adaround")  # round to nearest, or the rounding learned by dgq.reconstruction
 
 
 class Axis(str, Enum):
@@ -37,6 +40,31 @@ class ScaleScope(str, Enum):
 
     SAMPLE = "sample"  # per prompt (the paper's "prompt-specific" scale)
     BATCH = "batch"  # whole batched tensor, CFG halves included (the authors' code)
+
+
+def _check_execution(cfg: Any) -> None:
+    if cfg.execution not in EXECUTIONS:
+        raise ValueError(f"execution={cfg.execution!r}; allowed: {list(EXECUTIONS)}")
+    if cfg.execution == "int8" and (cfg.w_bits > 8 or cfg.a_bits != 8):
+        raise ValueError(f"execution='int8' needs w_bits <= 8 and a_bits = 8 (got W{cfg.w_bits}A{cfg.a_bits})")
+
+
+def _drop_default_execution(d: dict[str, Any]) -> dict[str, Any]:
+    """The simulated default is left out, so dicts (and the fingerprints, cache keys and result
+    files built from them) of every config that existed before `execution` stay as they were.
+    The same holds for `weight_rounding`'s "nearest" default."""
+    if d.get("execution") == "simulated":
+        del d["execution"]
+    if d.get("weight_rounding") == "nearest":
+        del d["weight_rounding"]
+    return d
+
+
+def _check_rounding(cfg: Any) -> None:
+    if cfg.weight_rounding not in WEIGHT_ROUNDINGS:
+        raise ValueError(f"weight_rounding={cfg.weight_rounding!r}; allowed: {list(WEIGHT_ROUNDINGS)}")
+    if cfg.weight_rounding == "adaround" and cfg.execution == "int8":
+        raise ValueError("weight_rounding='adaround' runs simulated only (the int8 path packs nearest-rounded codes)")
 
 
 def _check_bits(name: str, value: int, allowed: range) -> None:
@@ -68,11 +96,18 @@ class BaselineConfig:
         a_bits (`int`, defaults to 8): activation bits (also Q, K, V and probabilities).
         style (`str`, defaults to `"tfmq"`): `"tfmq"` = per-timestep min/max ranges,
             `"qdiff"` = one MSE-calibrated range for all timesteps.
+        execution (`str`, defaults to `"simulated"`): `"simulated"` = fake quantization in fp32;
+            `"int8"` = integer GEMMs on the codes (`dgq.int8`; W <= 8, A = 8), same results up to
+            fp32 rounding.
+        weight_rounding (`str`, defaults to `"nearest"`): `"adaround"` = the rounding learned by
+            BRECQ block reconstruction (`python -m dgq reconstruct`; the paper's SD recipe).
     """
 
     w_bits: int = 8
     a_bits: int = 8
     style: BaselineStyle = BaselineStyle.TFMQ
+    execution: str = "simulated"
+    weight_rounding: str = "nearest"
     method: ClassVar[str] = "baseline"
 
     def __post_init__(self) -> None:
@@ -82,15 +117,18 @@ class BaselineConfig:
             object.__setattr__(self, "style", BaselineStyle(self.style))
         except ValueError:
             raise ValueError(f"style={self.style!r}; allowed: {[s.value for s in BaselineStyle]}") from None
+        _check_execution(self)
+        _check_rounding(self)
 
     def label(self) -> str:
         name = "Q-Diffusion" if self.style is BaselineStyle.QDIFF else "TFMQ-DM"
-        return f"{name} W{self.w_bits}A{self.a_bits}"
+        return (f"{name} W{self.w_bits}A{self.a_bits}" + (" AdaRound" if self.weight_rounding == "adaround" else "")
+                + (" int8" if self.execution == "int8" else ""))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(method=self.style.value, style=self.style.value, version=CONFIG_VERSION)
-        return d
+        return _drop_default_execution(d)
 
 
 @dataclass(frozen=True)
@@ -112,6 +150,8 @@ class DGQConfig:
         scale_scope (`str`, defaults to `"sample"`): dynamic max per prompt or per batch.
         time_aware (`bool`, defaults to True): one parameter set per calibrated timestep
             (off = one set for all timesteps).
+        execution (`str`, defaults to `"simulated"`): see `BaselineConfig`.
+        weight_rounding (`str`, defaults to `"nearest"`): see `BaselineConfig`.
     """
 
     w_bits: int = 8
@@ -124,6 +164,8 @@ class DGQConfig:
     dynamic_scale: bool = True
     scale_scope: ScaleScope = ScaleScope.SAMPLE
     time_aware: bool = True
+    execution: str = "simulated"
+    weight_rounding: str = "nearest"
     method: ClassVar[str] = "dgq"
 
     def __post_init__(self) -> None:
@@ -136,6 +178,8 @@ class DGQConfig:
                 object.__setattr__(self, name, enum(getattr(self, name)))
             except ValueError:
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {[e.value for e in enum]}") from None
+        _check_execution(self)
+        _check_rounding(self)
 
     @property
     def effective_groups(self) -> int:
@@ -146,16 +190,44 @@ class DGQConfig:
                               ("dynamic", self.dynamic_scale), ("time", self.time_aware)) if not v]
         extra = (" axis=" + self.axis.value) if self.axis is not Axis.AUTO else ""
         extra += (" no-" + ",no-".join(off)) if off else ""
+        extra += " AdaRound" if self.weight_rounding == "adaround" else ""
+        extra += " int8" if self.execution == "int8" else ""
         return f"DGQ W{self.w_bits}A{self.a_bits} K={self.effective_groups}{extra}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(axis=self.axis.value, scale_scope=self.scale_scope.value, method="dgq", version=CONFIG_VERSION)
-        return d
+        return _drop_default_execution(d)
 
 
 QuantConfig = FPConfig | BaselineConfig | DGQConfig
 FP = FPConfig()
+
+
+# Method names (CLI, app, eval settings, saved dicts) -> (config type, fixed fields). A new method
+# adds its config class above, one line here, and its rules module in `dgq.methods`.
+METHODS: dict[str, tuple[type, dict[str, Any]]] = {
+    "fp": (FPConfig, {}),
+    "qdiff": (BaselineConfig, {"style": BaselineStyle.QDIFF}),
+    "tfmq": (BaselineConfig, {"style": BaselineStyle.TFMQ}),
+    "dgq": (DGQConfig, {}),
+}
+_LEGACY_NAMES = {"baseline": "tfmq"}  # dicts written before the baselines had their own names
+
+
+def _build(method: Any, fields: dict[str, Any]) -> QuantConfig:
+    name = _LEGACY_NAMES.get(method, method)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    cls, fixed = METHODS[name]
+    if cls is FPConfig:
+        return FP
+    if "style" in fields and "style" in fixed:  # a saved baseline dict names its style twice
+        fixed = {}
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"method {name!r} takes no option(s) {', '.join(unknown)}")
+    return cls(**{**fields, **fixed})
 
 
 def config_from_dict(d: dict[str, Any]) -> QuantConfig:
@@ -164,23 +236,12 @@ def config_from_dict(d: dict[str, Any]) -> QuantConfig:
     version = d.pop("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ValueError(f"config version {version} is not supported (expected {CONFIG_VERSION})")
-    method = d.pop("method", None)
-    if method == "fp":
-        return FP
-    if method in ("qdiff", "tfmq", "baseline"):
-        d.setdefault("style", method if method != "baseline" else "tfmq")
-        return BaselineConfig(**d)
-    if method == "dgq":
-        return DGQConfig(**d)
-    raise ValueError(f"unknown method {method!r}; allowed: fp, qdiff, tfmq, dgq")
+    return _build(d.pop("method", None), d)
 
 
-def make_config(method: str, w_bits: int = 8, a_bits: int = 8, **dgq_options: Any) -> QuantConfig:
-    """Build a config from a method name as used by the CLI and the app."""
-    if method == "fp":
-        return FP
-    if method in ("qdiff", "tfmq"):
-        return BaselineConfig(w_bits=w_bits, a_bits=a_bits, style=method)
-    if method == "dgq":
-        return DGQConfig(w_bits=w_bits, a_bits=a_bits, **dgq_options)
-    raise ValueError(f"unknown method {method!r}; allowed: fp, qdiff, tfmq, dgq")
+def make_config(method: str, w_bits: int = 8, a_bits: int = 8, execution: str = "simulated",
+                weight_rounding: str = "nearest", **dgq_options: Any) -> QuantConfig:
+    """Build a config from a method name as used by the CLI and the app (`execution` and
+    `weight_rounding` are ignored for FP, which has nothing to quantize)."""
+    return _build(method, dict(w_bits=w_bits, a_bits=a_bits, execution=execution, weight_rounding=weight_rounding,
+                               **dgq_options))

@@ -76,18 +76,24 @@ class RunContext:
             self.recorder.set_timestep(self.timestep, self.call_index)
 
 
-_ACTIVE: ContextVar[RunContext | None] = ContextVar("dgq_run", default=None)
+ACTIVE: ContextVar[RunContext | None] = ContextVar("dgq_run", default=None)
+# the recorder of an enclosing `dgq.record()` block, picked up by the generations run inside it
+PENDING: ContextVar[Recorder | None] = ContextVar("dgq_recorder", default=None)
 
 
 def active() -> RunContext | None:
-    return _ACTIVE.get()
+    return ACTIVE.get()
+
+
+def pending_recorder() -> Recorder | None:
+    return PENDING.get()
 
 
 @contextmanager
 def use(ctx: RunContext) -> Iterator[RunContext]:
     """Make `ctx` the active run for the current thread/task for the duration of the block."""
-    token = _ACTIVE.set(ctx)
+    token = ACTIVE.set(ctx)
     try:
         yield ctx
     finally:
-        _ACTIVE.reset(token)
+        ACTIVE.reset(token)

@@ -25,12 +25,14 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from dgq.paths import cache_dir
 from dgq.primitives import EPS
 
 log = logging.getLogger(__name__)
@@ -218,18 +220,56 @@ def _build(folder: Path) -> tuple[Path, bool] | None:
         key = hashlib.sha256("\n".join([_SOURCE, " ".join(flags), _cpu_tag()]).encode()).hexdigest()[:16]
         lib = folder / f"dgq_kernels_{key}.so"
         if lib.exists():
-            return lib, bool(extra)
+            problem = _check_library(lib)
+            if problem is None:
+                return lib, bool(extra)
+            log.warning("compiled kernels %s are damaged (%s); rebuilding", lib.name, problem)
+            for f in (lib, _digest_file(lib)):
+                f.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
             src.write_text(_SOURCE)
             res = subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=120)
             if res.returncode == 0:
+                digest = _digest_file(lib)
+                digest.with_name(digest.name + ".tmp").write_text(_sha256_of(out))
+                os.replace(digest.with_name(digest.name + ".tmp"), digest)
                 os.replace(out, lib)  # atomic: a concurrent builder either sees the whole file or none
                 return lib, bool(extra)
             err = res.stderr.strip()[:500]
     log.warning("fused CPU kernels not built (%s): %s", cc, err)
     return None
+
+
+_SYMBOLS = ("dgq_fake_quant_packed", "dgq_fake_quant_heads_packed", "dgq_log_quant", "dgq_log_quant_dynamic")
+
+
+def _digest_file(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_library(lib: Path) -> str | None:
+    """Why a built library must not be used (None = fine): its recorded checksum (a truncated or
+    overwritten file), then a load test in a child process with every entry point looked up, so a
+    damaged file can never crash this one."""
+    digest = _digest_file(lib)
+    try:
+        if not digest.exists() or digest.read_text().strip() != _sha256_of(lib):
+            return "checksum missing or different"
+    except OSError as e:
+        return str(e)
+    probe = ("import ctypes,sys\nlib=ctypes.CDLL(sys.argv[1])\n"
+             + "".join(f"lib.{name}\n" for name in _SYMBOLS))
+    try:
+        res = subprocess.run([sys.executable, "-c", probe, str(lib)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"load test failed: {e}"
+    return None if res.returncode == 0 else f"load test failed: {res.stderr.strip().splitlines()[-1:]}"
 
 
 def threads_for(numel: int) -> int:
@@ -247,8 +287,6 @@ def library() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         if os.environ.get("DGQ_KERNELS", "1") != "0":
-            from dgq.studio import cache_dir  # noqa: PLC0415
-
             try:
                 built = _build(cache_dir() / "kernels")
                 if built is not None:
@@ -317,3 +355,86 @@ def log_quant_(p: torch.Tensor, scale: torch.Tensor, bits: int, clamp: bool, ski
     lib.dgq_log_quant(p.data_ptr(), p.shape[0], p[0].numel() // cols, cols, mul.data_ptr(), scale.data_ptr(),
                       scale.numel(), 0.75 * smallest, int(clamp), int(skip_first), threads_for(p.numel()))
     return p
+
+
+# ----------------------------------------------------------------------------- dispatch
+_OUT = threading.local()
+# Reusable output buffers per thread, in all (fp32 elements): the embedded model needs ~3 M.
+_OUT_MAX = 1 << 23
+
+
+def out_buffer(slot: object, shape: torch.Size) -> torch.Tensor:
+    """A per-(thread, slot, shape) fp32 buffer for a quantizer's output, or a fresh tensor.
+
+    On CPU a fresh output of a few hundred kB is a fresh mapping from the allocator, and its page
+    faults cost as much as the quantizer's pass that fills it. A slot's buffer is overwritten by
+    the slot's next call, so only callers that consume the result before then pass a slot (a
+    layer quantizing its own input, attention's q/k/v), and only without autograd (a graph
+    would keep the buffer for the backward pass). Past `_OUT_MAX` elements per thread the
+    buffers are dropped and collected again (a model switch leaves its old slots behind)."""
+    if torch.is_grad_enabled():
+        return torch.empty(shape, dtype=torch.float32)
+    bufs = getattr(_OUT, "bufs", None)
+    if bufs is None:
+        bufs = _OUT.bufs = {}
+        _OUT.size = 0
+    key = (slot, shape)
+    buf = bufs.get(key)
+    if buf is None:
+        buf = torch.empty(shape, dtype=torch.float32)
+        if _OUT.size + buf.numel() > _OUT_MAX:
+            bufs.clear()
+            _OUT.size = 0
+        bufs[key] = buf
+        _OUT.size += buf.numel()
+    return buf
+
+
+_LAYOUTS: dict[tuple, tuple | None] = {}  # (input key, mode) → (heads, layout) or None
+_HEAD_MODES = {"channel": 0, "pixel": 1, "tensor": 2}
+
+
+def plan(x: torch.Tensor, params: tuple[torch.Tensor, ...], shp: tuple[int, ...], mode: str, kind: str,
+         key: tuple, keep_first: bool = False) -> tuple[tuple | None, object]:
+    """How the fused kernels quantize inputs like x with `params` (s, 1/s, lo, hi shaped `shp`):
+    ((packed kernel, address of the constants, whether it is the heads kernel), the constants) or
+    (None, None) for the eager ops. The layout part is shared by every site (`key` holds the
+    input's shape, strides, dtype and thread count, on which `usable` depends)."""
+    lkey = (key, mode)
+    lay = _LAYOUTS.get(lkey, False)
+    if lay is False:
+        lay = _LAYOUTS[lkey] = _kernel_layout(x, shp, mode, kind) if usable(x) else None
+    if lay is None or (lib := library()) is None:
+        return None, None
+    heads, layout = lay
+    n = {0: layout[3], 1: layout[1], 2: 1}[layout[4]] if heads else layout[1]
+    for p in params:
+        if p.numel() != n or not p.is_contiguous() or p.dtype != torch.float32:
+            return None, None
+    ptrs = [p.data_ptr() for p in params]
+    nt = threads_for(x.numel())
+    if heads:
+        call, values = lib.dgq_fake_quant_heads_packed, [*layout, *ptrs, int(keep_first), nt]
+    else:
+        call, values = lib.dgq_fake_quant_packed, [*layout, *ptrs, nt]
+    args = (ctypes.c_int64 * len(values))(*values)
+    return (call, ctypes.addressof(args), heads), args
+
+
+def _kernel_layout(x: torch.Tensor, shp: tuple[int, ...], mode: str, kind: str) -> tuple | None:
+    """How the fused CPU kernels take inputs of x's shape and strides: (False, (outer, indices,
+    inner)) for a contiguous x, (True, (B, T, heads, d, mode code)) for attention's [B, heads, T,
+    d] view of a contiguous [B, T, heads, d] tensor (quantized into a contiguous [B, heads, T, d]
+    result), or None (a layout they do not cover: eager ops)."""
+    if not x.is_contiguous():
+        if kind not in ("q", "k", "v") or x.dim() != 4 or not x.transpose(1, 2).is_contiguous():
+            return None
+        b, h, t, d = x.shape
+        return True, (b, t, h, d, _HEAD_MODES[mode])
+    if not shp:
+        return False, (1, 1, x.numel())
+    if len(shp) != x.dim():
+        return None
+    idx = [i for i, v in enumerate(shp) if v != 1]
+    first, last = idx[0], idx[-1]
+    return False, (math.prod(x.shape[:first]), math.prod(x.shape[first:last + 1]), math.prod(x.shape[last + 1:]))

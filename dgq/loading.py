@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
+from dgq.paths import ASSETS, TINY_DIR  # noqa: F401 - ASSETS: re-exported for older imports
+
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ASSETS = REPO_ROOT / "assets"
-TINY_DIR = ASSETS / "tiny-sd"
 ALIASES = {
     "tiny": str(TINY_DIR),
     "sd-v1-4": "CompVis/stable-diffusion-v1-4",
@@ -29,7 +28,41 @@ DEFAULTS_FILE = "dgq_defaults.json"
 
 
 class ModelLoadError(RuntimeError):
-    """A model that cannot be loaded, with the reason and what to do about it."""
+    """A model that cannot be loaded, with the reason and what to do about it.
+
+    `str(e)` is the full message for the person running the code (it may name local paths);
+    `e.public` says the same without server paths or library internals, for a remote user of the
+    app (a Space must not tell a visitor which of its folders exist)."""
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or "the model could not be loaded on this server"
+
+
+# Weight files that only a pickle loader reads: never loaded (arbitrary code on unpickling).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def canonical_model(model: str) -> str:
+    """One name per model: "tiny" for the embedded model however its folder is spelled, the real
+    path (symlinks, `..` and `~` resolved) for another local folder, else the id unchanged.
+    Calibration caches are keyed on it, so one folder is calibrated once."""
+    source = resolve_model(model)
+    local = Path(source).expanduser()
+    if local.exists():
+        real = local.resolve()
+        return "tiny" if real == TINY_DIR.resolve() else str(real)
+    return model
+
+
+def pickle_only_components(folder: Path) -> list[str]:
+    """Sub-folders of a diffusers folder whose weights exist only as pickles (no .safetensors)."""
+    bad = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [f for f in sub.iterdir() if f.is_file()]
+        if any(f.suffix in PICKLE_SUFFIXES for f in files) and not any(f.suffix == ".safetensors" for f in files):
+            bad.append(sub.name)
+    return bad
 
 
 def resolve_model(model: str) -> str:
@@ -101,13 +134,22 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
     local = Path(source).expanduser()
     defaults = model_defaults(model)
     looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    not_local = "the model is not a diffusers pipeline folder this server can load"
     if looks_local and not local.exists():
-        raise ModelLoadError(f"model folder {local} does not exist: pass a diffusers folder (with model_index.json) or a Hub id")
+        raise ModelLoadError(f"model folder {local} does not exist: pass a diffusers folder (with model_index.json) or a Hub id",
+                             public=not_local)
     if local.exists():
         if not (local / "model_index.json").exists():
-            raise ModelLoadError(f"{local} is not a diffusers pipeline folder (no model_index.json)")
+            raise ModelLoadError(f"{local} is not a diffusers pipeline folder (no model_index.json)", public=not_local)
+        pickles = pickle_only_components(local)
+        if pickles:
+            raise ModelLoadError(
+                f"{local}: {', '.join(pickles)} hold(s) pickle weights only (.bin/.ckpt); pickles are never loaded. "
+                "Convert the folder to safetensors: load it once in a trusted session and call "
+                "pipe.save_pretrained(folder, safe_serialization=True)",
+                public="the model's weights are pickles, which this server never loads; it needs .safetensors weights")
         kwargs = {"local_files_only": True}
-        source = str(local)
+        source = str(local.resolve())
     else:
         kwargs = {}
     from diffusers.utils import logging as dlog  # noqa: PLC0415
@@ -118,7 +160,7 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
     dlog.set_verbosity_error()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs)
+            source, dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one clear error
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (f"cannot load model {model!r} ({source}): {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
@@ -127,11 +169,13 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: torch.d
                 "or use --model tiny (the embedded model)")
         if offline:
             hint += "; HF_HUB_OFFLINE=1 is set, so only the local cache was searched"
-        raise ModelLoadError(hint) from e
+        public = (f"the model could not be loaded ({type(e).__name__}); only SD-1.x diffusers pipelines with "
+                  "safetensors weights available to the server load")
+        raise ModelLoadError(hint, public=public) from e
     finally:
         dlog.set_verbosity(level)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.dgq_model_id = model if model in ALIASES else source
+    pipe.dgq_model_id = model if model in ALIASES else canonical_model(source)
     pipe.dgq_defaults = defaults
     return pipe

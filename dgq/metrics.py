@@ -146,7 +146,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     or leaves a non-negligible imaginary part) and above 1024 dimensions (sqrtm takes ~30 s at 2048
     on one core) the exact symmetric form tr sqrt(sqrt(Σ1) Σ2 sqrt(Σ1)) is used instead.
     """
-    import scipy.linalg
+    import scipy.linalg  # noqa: PLC0415
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -270,9 +270,9 @@ def domain_fid(gen_images: Any, ref_images: Any = None, n_ref: int = 2000, *, ev
         except FileNotFoundError as e:
             return f"{UNAVAILABLE}domain FID needs the shapes evaluator ({e})"
     if ref_images is None:
-        import random
+        import random  # noqa: PLC0415
 
-        from dgq.tiny import render as R
+        from dgq.tiny import render as R  # noqa: PLC0415
 
         ref_images = [R.to_array(R.render(R.random_scene(random.Random(s), two_object_prob)))
                       for s in range(ref_seed_start, ref_seed_start + n_ref)]
@@ -287,7 +287,7 @@ def _hf_offline() -> Iterator[None]:
     old_env = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        import huggingface_hub.constants as hfc
+        import huggingface_hub.constants as hfc  # noqa: PLC0415
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency of open_clip here
         hfc = None
     old_const = getattr(hfc, "HF_HUB_OFFLINE", None)
@@ -309,8 +309,8 @@ def find_local_open_clip_weights(model_name: str, pretrained: str, cache_dir: st
     """Where open_clip's weights for (`model_name`, `pretrained` tag) already lie on this machine,
     or None. Looks in the HF hub cache (the .safetensors alternative first, as open_clip does) and
     in open_clip's URL cache (``~/.cache/clip``); performs no network request."""
-    import open_clip
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    import open_clip  # noqa: PLC0415
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME  # noqa: PLC0415
 
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not cfg:
@@ -319,7 +319,7 @@ def find_local_open_clip_weights(model_name: str, pretrained: str, cache_dir: st
         return Path(cfg["file"])
     hub = cfg.get("hf_hub", "")
     if hub:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
 
         model_id, filename = os.path.split(hub)  # "org/repo/" -> default file name, as open_clip does
         filename = filename or HF_WEIGHTS_NAME
@@ -353,7 +353,7 @@ class ClipScorer:
                  weights_path: str | Path | None = None, cache_dir: str | Path | None = None,
                  device: str = "cpu", batch_size: int = 32) -> None:
         try:
-            import open_clip
+            import open_clip  # noqa: PLC0415
         except ImportError as e:  # pragma: no cover
             raise MetricUnavailable(f"open_clip is not installed ({e})") from e
         self.model_name, self.pretrained, self.device, self.batch_size = model_name, pretrained, device, batch_size
@@ -414,7 +414,7 @@ class ClipScorer:
     @torch.no_grad()
     def similarities(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
         """Cosine similarity of each image with its prompt, shape (N,), in [-1, 1]."""
-        from PIL import Image
+        from PIL import Image  # noqa: PLC0415
 
         arr = to_uint8_batch(images)
         prompts = list(prompts)
@@ -447,7 +447,7 @@ def clip_score(images: Any, prompts: Sequence[str], scorer: ClipScorer | None = 
 def _fid_inception() -> torch.nn.Module:
     """pytorch-fid's FIDInceptionV3: torchvision's Inception3 with the TF graph's pooling quirks
     (avg-pool without padded zeros in A/C/E blocks, max-pool in the last E block)."""
-    from torchvision.models import inception as tvi
+    from torchvision.models import inception as tvi  # noqa: PLC0415
 
     class FIDInceptionA(tvi.InceptionA):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -547,7 +547,7 @@ class FidScorer:
         if path is not None:
             try:
                 if path.suffix == ".safetensors":
-                    from safetensors.torch import load_file
+                    from safetensors.torch import load_file  # noqa: PLC0415
 
                     state = load_file(str(path))
                 else:

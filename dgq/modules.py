@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgq import int8 as int8_exec
 from dgq import primitives as P
 from dgq.context import active
 from dgq.quantizer import apply_act, fake_quant_prepared
@@ -39,16 +40,21 @@ class QuantMixin:
     _dgq_orig_class: type
     weight_search: str = "mse"
 
-    def quantized_weight(self, bits: int) -> torch.Tensor:
-        """The fake-quantized weight at `bits` (computed once per bit-width, then cached)."""
-        key = (bits, self.weight_search)
+    def quantized_weight(self, bits: int, rounding: str = "nearest") -> torch.Tensor:
+        """The fake-quantized weight at `bits` (computed once per bit-width, then cached).
+
+        `rounding="adaround"` takes the learned rounding `dgq.adaround.install` handed the layer
+        (each weight on the floor or ceiling of its grid cell, with the range it was learned for)."""
+        key = (bits, self.weight_search) if rounding == "nearest" else (bits, self.weight_search, rounding)
         entry = self._dgq_wcache.get(key)
         if entry is None:
             with self._dgq_lock:
                 entry = self._dgq_wcache.get(key)
                 if entry is None:
                     ranges = self._dgq_wranges.get(key)  # the searched per-channel range outlives the eviction
-                    if ranges is None:
+                    if rounding != "nearest":
+                        entry = self._learned_codes(bits, rounding)
+                    elif ranges is None:
                         entry = P.quantize_weight(self.weight, bits, self.weight_search)
                         self._dgq_wranges[key] = entry[1:]
                     else:
@@ -63,10 +69,25 @@ class QuantMixin:
         codes, s, z = entry
         return P.dequantize_weight(codes, s, z).to(self.weight.dtype)
 
+    def _learned_codes(self, bits: int, rounding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from dgq.adaround import mask_codes  # noqa: PLC0415 - only learned roundings need it
+
+        if rounding != "adaround":
+            raise ValueError(f"weight rounding {rounding!r}; allowed: nearest, adaround")
+        learned = self.__dict__.get("_dgq_wround", {}).get((bits, self.weight_search))
+        if learned is None:
+            raise RuntimeError(f"{self.dgq_name}: no AdaRound rounding at W{bits} is loaded; run "
+                               f"`python -m dgq reconstruct --w-bits {bits}` (or Studio.load_rounding({bits}))")
+        mask, s, z = learned
+        s, z = s.to(self.weight.device), z.to(self.weight.device)
+        return mask_codes(self.weight, s, z, mask, bits), s, z
+
     def _weight_for(self, ctx) -> torch.Tensor:
+        if self.__dict__.get("_dgq_fp_released"):  # an int8-only run: the packed codes are the weight
+            return int8_exec.simulated_weight(self, -1 if ctx is None or ctx.params is None else ctx.params.w_bits)
         if ctx is None or ctx.params is None or ctx.params.w_bits >= 16:
             return self.weight
-        return self.quantized_weight(ctx.params.w_bits)
+        return self.quantized_weight(ctx.params.w_bits, getattr(ctx.params.config, "weight_rounding", "nearest"))
 
 
 class QuantLinearMixin(QuantMixin):
@@ -84,6 +105,10 @@ class QuantLinearMixin(QuantMixin):
         if ctx.params is not None:
             q = ctx.params.act(self.dgq_name, ctx.t_key)
             if q is not None:
+                if int8_exec.wants_int8(ctx):  # integer GEMM; None = it fell back (logged once)
+                    y = int8_exec.linear(self, x, q, ctx.params.w_bits)
+                    if y is not None:
+                        return y
                 x = apply_act(x, q, kind, slot=id(self))  # consumed by F.linear below
         return F.linear(x, self._weight_for(ctx), self.bias)
 
@@ -103,6 +128,13 @@ class QuantConv2dMixin(QuantMixin):
             ctx.recorder.observe_layer(self.dgq_name, x, "conv", ctx)
         if ctx.perturbation is not None:
             x = ctx.perturbation.apply(x)
+        if int8_exec.wants_int8(ctx):  # integer GEMM; None = it fell back (logged once)
+            q = ctx.params.act(self.dgq_name, ctx.t_key)
+            if q is not None:
+                unfold = q.mode == "pixel" and ctx.params.calib.sites[self.dgq_name].needs_unfold()
+                y = int8_exec.conv2d(self, x, q, ctx.params.w_bits, unfold)
+                if y is not None:
+                    return y
         w = self._weight_for(ctx)
         if ctx.params is not None:
             q = ctx.params.act(self.dgq_name, ctx.t_key)
@@ -203,7 +235,8 @@ def dequantize_(unet: nn.Module) -> None:
     for _, m in unet.named_modules():
         if isinstance(m, QuantMixin):
             m.__class__ = m._dgq_orig_class
-            for a in ("_dgq_orig_class", "dgq_name", "_dgq_wcache", "_dgq_wranges", "_dgq_lock", "weight_search"):
+            for a in ("_dgq_orig_class", "dgq_name", "_dgq_wcache", "_dgq_wranges", "_dgq_wround", "_dgq_lock",
+                      "weight_search"):
                 m.__dict__.pop(a, None)
     uninstall_attention(unet)
 

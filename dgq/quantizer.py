@@ -1,6 +1,7 @@
 """From (calibration, config) to the quantizer of every site, and applying it to a tensor.
 
-`QuantParams` is the only place that knows how each method reads the statistics:
+`QuantParams` holds the mechanics every method shares and asks the rules each method registers
+(`dgq.methods`, one module per method) where they differ; what the built-in methods read:
 
 | site | FP | qdiff | tfmq | DGQ |
 |---|---|---|---|---|
@@ -14,16 +15,16 @@ which is why a bit-width change never recalibrates.
 
 from __future__ import annotations
 
-import ctypes
-import math
 import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from dgq import kernels
 from dgq import primitives as P
 from dgq.calibration import ALL, Calibration
-from dgq.config import OFF, Axis, BaselineConfig, BaselineStyle, DGQConfig, QuantConfig, ScaleScope
+from dgq.config import OFF, Axis, QuantConfig, ScaleScope
+from dgq.methods import ProbQuant, rules_for
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,6 @@ def derive(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> tuple[torch.Te
     return s, 1.0 / s, -z, (2**bits - 1) - z
 
 
-@dataclass(frozen=True)
-class ProbQuant:
-    """How one attention module's softmax output is quantized."""
-
-    bits: int
-    log: bool
-    start_fp: bool
-    dynamic: bool
-    scope: str  # "sample" | "batch"
-    scale: float | None = None  # static scale (log: s; uniform: step)
-
-
 class QuantParams:
     """Parameters of one config over one calibration; safe to share between threads."""
 
@@ -82,7 +71,8 @@ class QuantParams:
         """`tables` shares the built activation/probability parameters of a config that differs
         only in `w_bits` (they do not depend on it); `device` is where the model runs (parameters
         are moved there once per site, already shaped for the layer's input)."""
-        if isinstance(config, (BaselineConfig, DGQConfig)) and calibration is None:
+        self.rules = rules_for(config)
+        if self.rules.needs_calibration(config) and calibration is None:
             raise ValueError("quantized configs need a calibration: call dgq.calibrate(pipe, ...) first")
         self.calib = calibration
         self.config = config
@@ -102,9 +92,7 @@ class QuantParams:
     # ------------------------------------------------------------------ timesteps
     @property
     def single_set(self) -> bool:
-        c = self.config
-        return (isinstance(c, BaselineConfig) and c.style is BaselineStyle.QDIFF) or (
-            isinstance(c, DGQConfig) and not c.time_aware)
+        return self.rules.single_set(self.config)
 
     def key_for(self, t: float) -> int:
         return ALL if self.single_set else self.calib.nearest_t(t)
@@ -147,11 +135,11 @@ class QuantParams:
             return {(site, t): None for t in keys}
         if site not in calib.sites:
             raise KeyError(f"site {site!r} was not seen during calibration; recalibrate this model")
-        info = calib.sites[site]
-        if isinstance(cfg, BaselineConfig) and cfg.style is BaselineStyle.QDIFF:
+        info, rules = calib.sites[site], self.rules
+        if rules.static_mse_range(cfg):
             return {(site, t): self._build_act(site, t) for t in keys}
-        start_fp = isinstance(cfg, DGQConfig) and cfg.start_token and info.kind == "k" and info.cross
-        k = cfg.effective_groups if isinstance(cfg, DGQConfig) else 1
+        start_fp = rules.start_fp(cfg, info)
+        k = rules.groups(cfg)
         if k == 1 or info.kind not in ("conv", "linear", "q", "k", "v"):
             sfx = "_x0" if start_fp else ""
             rows = [calib.t_index(t) for t in keys]
@@ -161,8 +149,9 @@ class QuantParams:
             return {(site, t): q for t, q in zip(keys, self._stacked(info, "tensor", s, z, None, start_fp))}
         variant = "x0" if start_fp else "full"
         by_axis: dict[str, list[int]] = {}
+        rule = rules.axis(cfg)
         for t in keys:
-            axis = cfg.axis.value if cfg.axis is not Axis.AUTO else calib.chosen_axis(site, t, variant)
+            axis = rule.value if rule is not Axis.AUTO else calib.chosen_axis(site, t, variant)
             by_axis.setdefault(axis, []).append(t)
         out: dict[tuple[str, int], ActQuant | None] = {}
         for axis, ts in by_axis.items():
@@ -200,20 +189,21 @@ class QuantParams:
         calib, cfg = self.calib, self.config
         if site not in calib.sites:
             raise KeyError(f"site {site!r} was not seen during calibration; recalibrate this model")
-        info = calib.sites[site]
-        start_fp = isinstance(cfg, DGQConfig) and cfg.start_token and info.kind == "k" and info.cross
+        info, rules = calib.sites[site], self.rules
+        start_fp = rules.start_fp(cfg, info)
         sfx = "_x0" if start_fp else ""
-        if isinstance(cfg, BaselineConfig) and cfg.style is BaselineStyle.QDIFF:
+        if rules.static_mse_range(cfg):
             lo, hi = P.mse_search(calib.tensors[f"{site}|sample"], bits)
             s, z = P.uniform_qparams(lo, hi, bits)
             return ActQuant(bits, "tensor", s, z)
-        k = cfg.effective_groups if isinstance(cfg, DGQConfig) else 1
+        k = rules.groups(cfg)
         if k == 1 or info.kind not in ("conv", "linear", "q", "k", "v"):
             lo, hi = calib.get(site, "ema_min" + sfx, t_key), calib.get(site, "ema_max" + sfx, t_key)
             s, z = P.uniform_qparams(lo, hi, bits)
             return ActQuant(bits, "tensor", s, z, start_fp)
         variant = "x0" if start_fp else "full"
-        axis = cfg.axis.value if cfg.axis is not Axis.AUTO else calib.chosen_axis(site, t_key, variant)
+        rule = rules.axis(cfg)
+        axis = rule.value if rule is not Axis.AUTO else calib.chosen_axis(site, t_key, variant)
         labels, glo, ghi = calib.groups(site, t_key, axis, k, variant)
         gs, gz = P.uniform_qparams(glo, ghi, bits)
         s, z = gs[labels], gz[labels]
@@ -233,29 +223,12 @@ class QuantParams:
         return self._prob[key]
 
     def _build_prob(self, site: str, t_key: int) -> ProbQuant | None:
-        bits, cfg, calib = self.a_bits, self.config, self.calib
+        bits, calib = self.a_bits, self.calib
         if bits >= OFF:
             return None
         if site not in calib.sites:
             raise KeyError(f"attention {site!r} was not seen during calibration; recalibrate this model")
-        cross = calib.sites[site].cross
-        hist_rest, hist0 = calib.get(site, "hist", t_key), calib.get(site, "hist0", t_key)
-        if isinstance(cfg, BaselineConfig):
-            mse = cfg.style is BaselineStyle.QDIFF
-            s = P.uniform_prob_scale(hist_rest + hist0, float(calib.get(site, "pmax", t_key)), bits, mse)
-            return ProbQuant(bits, log=False, start_fp=False, dynamic=False, scope="batch", scale=s)
-        assert isinstance(cfg, DGQConfig)
-        start_fp = cfg.start_token and cross
-        scope = cfg.scale_scope.value
-        if cfg.dynamic_scale:
-            return ProbQuant(bits, cfg.log_quant, start_fp, True, scope)
-        hist = hist_rest if start_fp else hist_rest + hist0
-        if cfg.log_quant:
-            s = P.static_log_scale(hist, bits)
-        else:
-            top = calib.get(site, "pmax_rest" if start_fp else "pmax", t_key)
-            s = P.uniform_prob_scale(hist, float(top), bits, mse=False)
-        return ProbQuant(bits, cfg.log_quant, start_fp, False, scope, s)
+        return self.rules.prob(self.config, calib, site, t_key, bits)
 
 
 # ----------------------------------------------------------------------------- application
@@ -284,7 +257,7 @@ def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str, keep_first: boo
     """Quantize-dequantize with the precomputed parameters (fp32 arithmetic, x's dtype out);
     `keep_first` leaves index 0 of dim 2 (attention's token 0) unquantized. With a `slot` (a
     caller that consumes the result before it quantizes again, e.g. a layer's own input) the
-    fused kernels write into that slot's reusable buffer (`_out_buffer`).
+    fused kernels write into that slot's reusable buffer (`kernels.out_buffer`).
 
     On CPU in fp32 this is one pass of the fused kernel (`dgq.kernels`), bit-identical to the
     eager ops below. Attention's q/k/v — [B, heads, T, d] views of contiguous [B, T, heads, d]
@@ -302,7 +275,7 @@ def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str, keep_first: boo
     params, fused, _ = plan
     if fused is not None and not x.requires_grad:
         call, args, heads = fused
-        y = _out_buffer(slot, x.shape) if slot is not None else torch.empty(x.shape, dtype=torch.float32)
+        y = kernels.out_buffer(slot, x.shape) if slot is not None else torch.empty(x.shape, dtype=torch.float32)
         call(x.data_ptr(), y.data_ptr(), args)
         if heads:
             return y  # token 0 kept by the kernel
@@ -320,89 +293,14 @@ def fake_quant_prepared(x: torch.Tensor, q: ActQuant, kind: str, keep_first: boo
     return y
 
 
-_OUT = threading.local()
-# Reusable output buffers per thread, in all (fp32 elements): the embedded model needs ~3 M.
-_OUT_MAX = 1 << 23
-
-
-def _out_buffer(slot: object, shape: torch.Size) -> torch.Tensor:
-    """A per-(thread, slot, shape) fp32 buffer for a quantizer's output, or a fresh tensor.
-
-    On CPU a fresh output of a few hundred kB is a fresh mapping from the allocator, and its page
-    faults cost as much as the quantizer's pass that fills it. A slot's buffer is overwritten by
-    the slot's next call, so only callers that consume the result before then pass a slot (a
-    layer quantizing its own input, attention's q/k/v), and only without autograd (a graph
-    would keep the buffer for the backward pass). Past `_OUT_MAX` elements per thread the
-    buffers are dropped and collected again (a model switch leaves its old slots behind)."""
-    if torch.is_grad_enabled():
-        return torch.empty(shape, dtype=torch.float32)
-    bufs = getattr(_OUT, "bufs", None)
-    if bufs is None:
-        bufs = _OUT.bufs = {}
-        _OUT.size = 0
-    key = (slot, shape)
-    buf = bufs.get(key)
-    if buf is None:
-        buf = torch.empty(shape, dtype=torch.float32)
-        if _OUT.size + buf.numel() > _OUT_MAX:
-            bufs.clear()
-            _OUT.size = 0
-        bufs[key] = buf
-        _OUT.size += buf.numel()
-    return buf
-
-
-_LAYOUTS: dict[tuple, tuple | None] = {}  # (input key, mode) → (heads, layout) or None
-_HEAD_MODES = {"channel": 0, "pixel": 1, "tensor": 2}
-
-
 def _plan(x: torch.Tensor, q: ActQuant, kind: str, key: tuple, keep_first: bool = False) -> tuple:
-    """(parameters shaped for x, kernel call or None, the call's constants) for inputs like x:
-    the call is (packed kernel, address of the constants, whether it is the heads kernel). Cheap: it
-    runs once per (site, timestep) after a bit-width change, and the layout part is shared by
-    every site."""
-    from dgq import kernels  # noqa: PLC0415
-
+    """(parameters shaped for x, kernel call or None, the call's constants) for inputs like x
+    (`dgq.kernels.plan` decides whether and how the fused kernels take them). Cheap: it runs once
+    per (site, timestep) after a bit-width change."""
     shp = _shape(kind, q.mode, tuple(x.shape[2:]))
     params = q.prepared(x.device, shp)
-    lkey = (key, q.mode)  # key holds the thread count, on which `kernels.usable` depends
-    lay = _LAYOUTS.get(lkey, False)
-    if lay is False:
-        lay = _LAYOUTS[lkey] = _kernel_layout(x, shp, q.mode, kind) if kernels.usable(x) else None
-    if lay is None or (lib := kernels.library()) is None:
-        return params, None, None
-    heads, layout = lay
-    n = {0: layout[3], 1: layout[1], 2: 1}[layout[4]] if heads else layout[1]
-    for p in params:
-        if p.numel() != n or not p.is_contiguous() or p.dtype != torch.float32:
-            return params, None, None
-    ptrs = [p.data_ptr() for p in params]
-    nt = kernels.threads_for(x.numel())
-    if heads:
-        call, values = lib.dgq_fake_quant_heads_packed, [*layout, *ptrs, int(keep_first), nt]
-    else:
-        call, values = lib.dgq_fake_quant_packed, [*layout, *ptrs, nt]
-    args = (ctypes.c_int64 * len(values))(*values)
-    return params, (call, ctypes.addressof(args), heads), args
-
-
-def _kernel_layout(x: torch.Tensor, shp: tuple[int, ...], mode: str, kind: str) -> tuple | None:
-    """How the fused CPU kernels take inputs of x's shape and strides: (False, (outer, indices,
-    inner)) for a contiguous x, (True, (B, T, heads, d, mode code)) for attention's [B, heads, T,
-    d] view of a contiguous [B, T, heads, d] tensor (quantized into a contiguous [B, heads, T, d]
-    result), or None (a layout they do not cover: eager ops)."""
-    if not x.is_contiguous():
-        if kind not in ("q", "k", "v") or x.dim() != 4 or not x.transpose(1, 2).is_contiguous():
-            return None
-        b, h, t, d = x.shape
-        return True, (b, t, h, d, _HEAD_MODES[mode])
-    if not shp:
-        return False, (1, 1, x.numel())
-    if len(shp) != x.dim():
-        return None
-    idx = [i for i, v in enumerate(shp) if v != 1]
-    first, last = idx[0], idx[-1]
-    return False, (math.prod(x.shape[:first]), math.prod(x.shape[first:last + 1]), math.prod(x.shape[last + 1:]))
+    fused, args = kernels.plan(x, params, shp, q.mode, kind, key, keep_first)
+    return params, fused, args
 
 
 def apply_act(x: torch.Tensor, q: ActQuant, kind: str, slot: object = None) -> torch.Tensor:
@@ -420,18 +318,17 @@ def apply_act(x: torch.Tensor, q: ActQuant, kind: str, slot: object = None) -> t
 
 def apply_prob(p: torch.Tensor, q: ProbQuant, inplace: bool = False) -> torch.Tensor:
     """Quantize softmax probabilities [B, heads, Nq, Nk] (fp32 in, fp32 out; `inplace=True` lets
-    the log quantizer overwrite `p`, which the attention processor no longer needs). With `<start>` in FP the scale comes from the other keys and column 0 is put back
-    after quantizing the whole tensor in place (no concatenation)."""
+    the log quantizer overwrite `p`, which the attention processor no longer needs). With
+    `<start>` in FP the scale comes from the other keys and column 0 is put back after quantizing
+    the whole tensor in place (no concatenation)."""
     if q.log and q.dynamic and inplace:
-        from dgq import kernels  # noqa: PLC0415
-
-        # one fused call on CPU (max, then quantize; bit-identical), the <start> column skipped
-        done = kernels.log_quant_dynamic_(p, q.bits, q.scope == "sample", q.start_fp)
+            # one fused call on CPU (max, then quantize; bit-identical), the <start> column skipped
+        done = kernels.log_quant_dynamic_(p, q.bits, q.scope is ScaleScope.SAMPLE, q.start_fp)
         if done is not None:
             return done
     rest = p[..., 1:] if q.start_fp else p
     if q.dynamic:
-        if q.scope == "sample":
+        if q.scope is ScaleScope.SAMPLE:
             top = rest.amax(dim=(1, 2, 3), keepdim=True)
         else:
             top = rest.amax()
@@ -439,9 +336,7 @@ def apply_prob(p: torch.Tensor, q: ProbQuant, inplace: bool = False) -> torch.Te
     else:
         scale = torch.tensor(q.scale, device=p.device)
     if q.log and inplace:
-        from dgq import kernels  # noqa: PLC0415
-
-        # one fused pass on CPU (bit-identical); the <start> column is skipped, not restored
+            # one fused pass on CPU (bit-identical); the <start> column is skipped, not restored
         done = kernels.log_quant_(p, scale, q.bits, clamp=not q.dynamic, skip_first=q.start_fp)
         if done is not None:
             return done

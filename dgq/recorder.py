@@ -1,6 +1,6 @@
 """Analysis recorder: what the app draws, aggregated on the fly with bounded memory.
 
-Attach with ``with dgq.record() as rec: studio.generate(...)``. While the UNet runs it keeps
+Attach with ``with dgq.record() as rec: studio.generate(...)`` (`dgq.tracing`). While the UNet runs it keeps
 
 * per layer and selected step: per-channel and per-pixel min/max of the layer's input (so max |x|,
   D_channel, D_pixel and the live axis choice can be shown);
@@ -15,10 +15,8 @@ Nothing stores a full attention tensor. Views are computed after the run.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -240,27 +238,10 @@ class Recorder:
                 for c, v in sorted(self._step_max.items())]
 
 
-_PENDING: ContextVar[Recorder | None] = ContextVar("dgq_recorder", default=None)
-
-
-@contextmanager
-def record(**kwargs: Any) -> Iterator[Recorder]:
-    """Attach a new `Recorder` to the generations run in this block (this thread only).
-
-    Example:
-        >>> with dgq.record() as rec:
-        ...     studio.generate("a red circle on the left", seed=0)
-        >>> rec.cross_attention("<start>", resolution=16)
-    """
-    if _PENDING.get() is not None:
-        raise RuntimeError("a recorder is already attached in this context")
-    rec = Recorder(**kwargs)
-    token = _PENDING.set(rec)
-    try:
-        yield rec
-    finally:
-        _PENDING.reset(token)
-
-
-def pending_recorder() -> Recorder | None:
-    return _PENDING.get()
+def token_names(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Readable token strings: `<start>` / `<end>` for CLIP's markers, word-end marks dropped."""
+    names = []
+    for i in ids:
+        s = tokenizer.convert_ids_to_tokens(int(i))
+        names.append({"<|startoftext|>": "<start>", "<|endoftext|>": "<end>"}.get(s, s.replace("</w>", "")))
+    return names

@@ -8,39 +8,37 @@ give exactly what each gives alone.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import logging
-import os
 import random
 import threading
 import time
+import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from dgq.calibration import Calibration, CalibrationMismatch, StatsCollector, prompts_hash
 from dgq.config import FP, FPConfig, QuantConfig
-from dgq.context import Perturbation, RunContext, use
-from dgq.loading import ASSETS, SD_GUIDANCE, default_guidance, is_embedded
+from dgq.context import Perturbation, RunContext, pending_recorder, use
+from dgq.loading import SD_GUIDANCE, default_guidance, is_embedded
 from dgq.modules import quantize_, quantized_layers
+from dgq.paths import SD_PROMPTS_FILE, SHIPPED_CALIBRATION, SHIPPED_WEIGHT_RANGES, cache_dir
+from dgq.prompts import read_prompts
 from dgq.quantizer import QuantParams
-from dgq.recorder import Recorder, pending_recorder
+from dgq.recorder import Recorder, token_names
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = SD_GUIDANCE  # when neither the caller nor the model folder gives one
 MAX_TOKENS = 77
-SHIPPED_CALIBRATION = ASSETS / "tiny-sd-calibration" / "calibration"
-SHIPPED_WEIGHT_RANGES = ASSETS / "tiny-sd-calibration" / "weight_ranges.safetensors"
-SD_PROMPTS_FILE = ASSETS / "prompts" / "calibration_sd.txt"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DGQ_CACHE", Path.home() / ".cache" / "dgq"))
 
 
 def default_calibration_prompts(model: str, n: int = 64) -> list[str]:
@@ -52,28 +50,39 @@ def default_calibration_prompts(model: str, n: int = 64) -> list[str]:
     return read_prompts(SD_PROMPTS_FILE)[:n]
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line (blank lines skipped); a TSV's first column (PartiPrompts) is taken."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    lines = [ln.rstrip("\n") for ln in path.read_text(encoding="utf-8").splitlines()]
-    if path.suffix == ".tsv":
-        lines = [ln.split("\t")[0] for ln in lines[1:]]
-    prompts = [ln.strip() for ln in lines if ln.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompts")
-    return prompts
-
-
 def resolution_of(pipe) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
+_TOKENIZERS = threading.local()
+
+
+def thread_tokenizer(tok):
+    """This thread's own copy of `tok`.
+
+    Why: a fast tokenizer keeps its padding/truncation settings in the shared Rust object and
+    sets them on every call, so two threads calling it with different settings (the pipeline's
+    `padding="max_length"` and an untruncated length check) can encode one prompt with the
+    other's settings — a 12-token encoding makes a different image. One copy per thread (built
+    once, ~0.2 s) removes the shared state instead of serialising every call behind a lock."""
+    copies = getattr(_TOKENIZERS, "copies", None)
+    if copies is None:
+        copies = _TOKENIZERS.copies = {}
+    hit = copies.get(id(tok))
+    if hit is not None and hit[0]() is tok:
+        return hit[1]
+    own = copy.deepcopy(tok)
+    copies[id(tok)] = (weakref.ref(tok), own)
+    return own
+
+
 def _pipeline_view(pipe):
-    """A pipeline sharing `pipe`'s modules with a fresh scheduler (no weights are copied)."""
+    """A pipeline sharing `pipe`'s modules with a fresh scheduler and this thread's tokenizer
+    (no weights are copied)."""
     sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     comps = {**pipe.components, "scheduler": sched}
+    if comps.get("tokenizer") is not None:
+        comps["tokenizer"] = thread_tokenizer(comps["tokenizer"])
     view = pipe.__class__(**comps, requires_safety_checker=False) if "safety_checker" in comps else pipe.__class__(**comps)
     view.set_progress_bar_config(disable=True)
     return view
@@ -93,7 +102,10 @@ def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 1024) -> str:
     return h.hexdigest()[:16]
 
 
-def _calibration_key(pipe, prompts: Sequence[str], steps: int, guidance: float) -> dict[str, Any]:
+def _calibration_key(pipe, prompts: Sequence[str], steps: int, guidance: float, batch_size: int = 8,
+                     seed: int = 0) -> dict[str, Any]:
+    """Everything the statistics depend on: a cache made with any other value is not used.
+    (Batch size matters: the TFMQ baseline's ranges are an EMA over calibration batches.)"""
     return {
         "model": str(getattr(pipe, "dgq_model_id", None) or pipe.config.get("_name_or_path", "unknown")),
         "weights": weights_fingerprint(pipe.unet),
@@ -103,7 +115,16 @@ def _calibration_key(pipe, prompts: Sequence[str], steps: int, guidance: float) 
         "guidance": guidance,
         "scheduler": pipe.scheduler.__class__.__name__,
         "resolution": resolution_of(pipe),
+        "batch_size": batch_size,
+        "seed": seed,
     }
+
+
+def calibration_cache_name(key: dict[str, Any]) -> str:
+    """File stem of a calibration in the cache folder: readable parts plus a hash of the whole
+    key, so calibrations that differ in any setting (guidance, batch size, …) never share a file."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{Path(str(key['model'])).name}-{key['steps']}-{key['scheduler']}-{key['resolution']}-{digest}"
 
 
 def calibrate(
@@ -115,6 +136,7 @@ def calibrate(
     seed: int = 0,
     cache: bool | str | Path = True,
     progress: bool | Callable[[int, int], None] = True,
+    stats_network: QuantConfig | None = None,
 ) -> Calibration:
     """Run the FP pipeline over `prompts` once and keep bit-width-independent statistics.
 
@@ -129,6 +151,11 @@ def calibrate(
         batch_size: prompts per pipeline call (8, as the authors).
         cache: True = the default cache folder ($DGQ_CACHE or ~/.cache/dgq), a folder, or False.
         progress: show a progress bar (True) or call `progress(done, total)`.
+        stats_network: None (default) = statistics of the FP network, valid for every bit-width.
+            A quantized config = the authors' way (dgq-method.md §H-9): statistics of the network
+            quantized by that config — its weights (and rounding), its activations through the
+            config's quantizers built from the FP calibration (e.g. `BaselineConfig(4, 6)`: A-bit
+            per-tensor per step) — so they hold for that config's bit-widths only (docs/adaround.md).
 
     Example:
         >>> calib = dgq.calibrate(pipe)           # seconds on the embedded model, then cached
@@ -138,14 +165,18 @@ def calibrate(
     prompts = list(prompts) if prompts is not None else default_calibration_prompts(model)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
-    key = _calibration_key(pipe, prompts, steps, guidance)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    key = _calibration_key(pipe, prompts, steps, guidance, batch_size, seed)
+    quantized_stats = stats_network is not None and not isinstance(stats_network, FPConfig)
+    if quantized_stats:
+        key["stats_network"] = stats_network.to_dict()
     quantize_(pipe.unet)
     paths: list[Path] = []
     if cache:
         folder = cache_dir() if cache is True else Path(cache)
-        name = f"{Path(str(key['model'])).name}-{key['prompts_sha']}-{steps}-{key['scheduler']}-{key['resolution']}"
-        paths = [folder / name]
-        if is_embedded(model):
+        paths = [folder / calibration_cache_name(key)]
+        if is_embedded(model) and not quantized_stats:
             paths.insert(0, SHIPPED_CALIBRATION)
         for p in paths:
             try:
@@ -153,8 +184,13 @@ def calibrate(
                 log.info("calibration loaded from %s", p)
                 return calib
             except CalibrationMismatch as e:
-                if p.with_suffix(".json").exists():
-                    log.warning("calibration at %s not used (%s); recalibrating", p, e)
+                if p.with_suffix(".json").exists() or p.with_suffix(".safetensors").exists():
+                    later = " (trying the next cache)" if p != paths[-1] else "; recalibrating"
+                    log.warning("calibration at %s not used (%s)%s", p, e, later)
+    provisional = None
+    if quantized_stats:  # the network to observe: quantized as `stats_network` with FP-calibrated ranges
+        fp_calib = calibrate(pipe, prompts, steps, guidance, batch_size, seed, cache, progress)
+        provisional = Studio(pipe, fp_calib).params(stats_network)
     t0 = time.time()
     collector = StatsCollector(seed=seed)
     view = _pipeline_view(pipe)
@@ -178,7 +214,7 @@ def calibrate(
         return kw
 
     gen = torch.Generator("cpu").manual_seed(seed)
-    with use(RunContext(collector=collector)):
+    with use(RunContext(collector=collector, params=provisional)):
         for batch in batches:
             view(list(batch), num_inference_steps=steps, guidance_scale=guidance, generator=gen,
                  output_type="latent", callback_on_step_end=on_step)
@@ -238,8 +274,41 @@ class Studio:
         self._ranges_file: Path | None = None
         self._ranges_saved = 0
         self._ranges_lock = threading.Lock()
+        self._roundings: dict[int, Any] = {}  # W bits -> the installed learned rounding (dgq.adaround)
+        self._rounding_lock = threading.Lock()
         if range_cache:
             self._load_weight_ranges(range_cache)
+
+    def rounding_folders(self) -> list[Path]:
+        """Where learned roundings are looked for: the cache's `adaround/` folder, then (embedded
+        model) the shipped files next to its calibration."""
+        from dgq import adaround as AR  # noqa: PLC0415
+
+        return AR.rounding_folders(self.model_id)
+
+    def has_rounding(self, bits: int) -> bool:
+        """Whether a learned (AdaRound) rounding for these weights at `bits` is loaded or stored
+        (reads JSON sidecars only): what decides whether `weight_rounding="adaround"` is offered."""
+        from dgq import adaround as AR  # noqa: PLC0415
+
+        if bits in self._roundings:
+            return True
+        return bool(AR.candidates(self.rounding_folders(), weights_fingerprint(self.pipe.unet), bits))
+
+    def load_rounding(self, bits: int) -> bool:
+        """Install the stored learned rounding at `bits` on the layers (once; well under a second
+        on the embedded model); False when none is stored for these weights."""
+        from dgq import adaround as AR  # noqa: PLC0415
+
+        with self._rounding_lock:
+            if bits in self._roundings:
+                return True
+            r = AR.load_best(self.rounding_folders(), weights_fingerprint(self.pipe.unet), bits, self._qlayers)
+            if r is None:
+                return False
+            AR.install(self._qlayers, r)
+            self._roundings[bits] = r
+            return True
 
     def _load_weight_ranges(self, range_cache: bool | str | Path) -> None:
         """Searched weight ranges from earlier sessions (`dgq.weight_ranges`): the shipped file of
@@ -251,9 +320,13 @@ class Studio:
         self._ranges_file = folder / f"{key}.safetensors"
         if is_embedded(self.model_id):
             WR.load_into(self._qlayers, SHIPPED_WEIGHT_RANGES, key)
-        WR.load_into(self._qlayers, self._ranges_file, key)
-        self._ranges_saved = WR.entry_count(self._qlayers)
+        problems: list[str] = []
+        WR.load_into(self._qlayers, self._ranges_file, key, problems)
         self._ranges_key = key
+        # an invalid cache file is rewritten now from what is held (the shipped ranges) or on the next search
+        self._ranges_saved = -1 if problems else WR.entry_count(self._qlayers)
+        if problems:
+            self._save_weight_ranges()
 
     def search_weight_ranges(self, bits: Sequence[int]) -> float:
         """Search (or load) every layer's weight range at each of `bits` now and keep them on disk,
@@ -296,11 +369,16 @@ class Studio:
             return None
         if self.calibration is None:
             raise RuntimeError("this Studio has no calibration: pass dgq.calibrate(pipe) to quantize")
+        if config.weight_rounding == "adaround" and config.w_bits < 16 and not self.load_rounding(config.w_bits):
+            raise RuntimeError(f"no AdaRound rounding at W{config.w_bits} is stored for this model: run "
+                               f"`python -m dgq reconstruct --model {self.model_id} --w-bits {config.w_bits}`")
         with self._lock:
             p = self._params.get(config)
             if p is None:
-                # activation parameters do not depend on the weight bits: a W-only change reuses them
-                same_acts = next((q for c, q in self._params.items() if replace(c, w_bits=8) == replace(config, w_bits=8)), None)
+                # activation parameters depend neither on the weight bits nor on their rounding: reuse them
+                def acts(c):
+                    return replace(c, w_bits=8, weight_rounding="nearest")
+                same_acts = next((q for c, q in self._params.items() if acts(c) == acts(config)), None)
                 p = QuantParams(self.calibration, config, tables=same_acts.tables if same_acts else None,
                                 device=self.pipe.unet.device)
                 self._params[config] = p
@@ -319,29 +397,44 @@ class Studio:
             params.build_all()
             if config.w_bits < 16:
                 for layer in self._qlayers.values():
-                    layer.quantized_weight(config.w_bits)
+                    layer.quantized_weight(config.w_bits, config.weight_rounding)
         seconds = time.perf_counter() - t0
         self._save_weight_ranges()
         return seconds
 
     def tokens(self, prompt: str) -> tuple[list[str], bool]:
         """Token strings of `prompt` as the text encoder sees them and whether it was truncated."""
-        tok = self.pipe.tokenizer
+        tok = thread_tokenizer(self.pipe.tokenizer)
         ids = tok(prompt, truncation=False).input_ids
-        truncated = len(ids) > MAX_TOKENS
-        ids = ids[:MAX_TOKENS]
-        names = []
-        for i in ids:
-            s = tok.convert_ids_to_tokens(int(i))
-            s = {"<|startoftext|>": "<start>", "<|endoftext|>": "<end>"}.get(s, s.replace("</w>", ""))
-            names.append(s)
-        return names, truncated
+        return token_names(tok, ids[:MAX_TOKENS]), len(ids) > MAX_TOKENS
+
+    @contextmanager
+    def use(self, config: QuantConfig = FP, perturbation: Perturbation | None = None,
+            recorder: Recorder | None = None) -> Iterator[RunContext]:
+        """Run `config` in every call of the pipeline inside the block, the diffusers way::
+
+            with studio.use(dgq.DGQConfig(w_bits=4, a_bits=6)):
+                image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+
+        The variant lives in a context variable of this thread, so other threads keep running
+        their own. A plain `pipe(...)` call uses the pipeline's own scheduler and tokenizer, which
+        are not meant to be shared between threads: concurrent callers use `generate`, which gives
+        each call its own. The recorder is `recorder`, else the one of an enclosing `dgq.record()`.
+        """
+        params = self.params(config)
+        ctx = RunContext(params=params, recorder=recorder or pending_recorder(), perturbation=perturbation)
+        try:
+            with use(ctx):
+                yield ctx
+        finally:
+            if params is not None and config.w_bits < 16:
+                self._save_weight_ranges()
 
     def check_inputs(self, prompts: Sequence[str], steps: int, guidance: float, seed: int) -> None:
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("the prompt is empty: type what the image should show")
         if len(prompts) > self.max_batch:
-            raise ValueError(f"batch of {len(prompts)} prompts exceeds the server cap of {self.max_batch}")
+            raise ValueError(f"batch of {len(prompts)} prompts exceeds max_batch={self.max_batch} of this Studio")
         if not isinstance(steps, int) or not 1 <= steps <= self.max_steps:
             raise ValueError(f"steps={steps!r} is out of range; allowed: 1..{self.max_steps}")
         if not (0.0 <= float(guidance) <= 30.0):
@@ -381,7 +474,7 @@ class Studio:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed or one per prompt")
         for s_ in seeds:
             self.check_inputs(prompts, steps, guidance, s_)
-        params = self.params(config)
+        self.params(config)  # a quantized config without a calibration fails here, before any work
         recorder = recorder or pending_recorder()
         truncated = any(self.tokens(p)[1] for p in prompts)
         if recorder is not None:
@@ -398,15 +491,12 @@ class Studio:
 
         gen = ([torch.Generator("cpu").manual_seed(s_) for s_ in seeds] if len(seeds) > 1
                else torch.Generator("cpu").manual_seed(seeds[0]))
-        ctx = RunContext(params=params, recorder=recorder, perturbation=perturbation)
         t0 = time.perf_counter()
-        with use(ctx):
+        with self.use(config, perturbation, recorder):
             out = view(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
                        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
                        height=self.resolution, width=self.resolution, callback_on_step_end=on_step)
         seconds = time.perf_counter() - t0
-        if params is not None and config.w_bits < 16:
-            self._save_weight_ranges()
         return Generation(out.images, config, seeds[0] if len(seeds) == 1 else seeds, steps, guidance, seconds,
                           prompts, truncated, recorder)
 
@@ -436,3 +526,15 @@ class Studio:
 
 def random_seed() -> int:
     return random.randint(0, 2**31 - 1)
+
+
+def stored_rounding_identity(pipe, bits: int) -> str | None:
+    """The checksum of the learned rounding a `Studio` over `pipe` loads at `bits` (None: none
+    stored), so result files made with one rounding are never taken for another's."""
+    from dgq import adaround as AR  # noqa: PLC0415 - learned roundings only
+
+    quantize_(pipe.unet)
+    r = AR.load_best(AR.rounding_folders(str(getattr(pipe, "dgq_model_id", "unknown"))), weights_fingerprint(pipe.unet),
+                     bits, quantized_layers(pipe.unet))
+    return None if r is None else str(r.meta.get("sha256"))
+

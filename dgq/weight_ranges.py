@@ -14,6 +14,7 @@ to its calibration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,37 +46,64 @@ def save(layers: dict, path: str | Path, weights: str) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    meta = {"format_version": FORMAT_VERSION, "weights": weights, "entries": len(tensors) // 2}
+    meta = {"format_version": FORMAT_VERSION, "weights": weights, "entries": len(tensors) // 2,
+            "sha256": _digest(tensors)}
     save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)})
     os.replace(tmp, path)
     return len(tensors) // 2
 
 
-def load_into(layers: dict, path: str | Path, weights: str) -> int:
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Checksum of the values (safetensors checks its header, not the numbers)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_into(layers: dict, path: str | Path, weights: str, problems: list[str] | None = None) -> int:
     """Fill the layers' range caches from `path` if it was made for these weights; returns how
-    many entries were loaded (0 for a missing, stale or unreadable file). Entries a layer already
-    holds are kept."""
+    many entries were loaded (0 for a missing, stale or invalid file). Entries a layer already
+    holds are kept. An invalid file (unreadable, checksum, schema, shapes) appends its reason to
+    `problems`, so the caller knows to rewrite it."""
     path = Path(path)
     if not path.is_file():
         return 0
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["json"])
+            if not isinstance(meta, dict):
+                raise TypeError("metadata is not a JSON object")
             if meta.get("format_version") != FORMAT_VERSION or meta.get("weights") != weights:
                 log.info("weight ranges at %s are for other weights or another format; not used", path)
                 return 0
             device = next(iter(layers.values())).weight.device if layers else "cpu"
-            found: dict[tuple, dict[str, torch.Tensor]] = {}
-            for key in f.keys():
-                name, bits, search, part = key.rsplit(_SEP, 3)
-                found.setdefault((name, int(bits), search), {})[part] = f.get_tensor(key)
-    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
-        log.warning("weight ranges at %s are unreadable (%s); they will be searched again", path, e)
+            raw = {key: f.get_tensor(key) for key in f.keys()}
+        if meta.get("sha256") != _digest(raw):
+            raise ValueError("checksum mismatch")
+        found: dict[tuple, dict[str, torch.Tensor]] = {}
+        for key, t in raw.items():
+            name, bits, search, part = key.rsplit(_SEP, 3)
+            found.setdefault((name, int(bits), search), {})[part] = t
+        for (name, bits, search), parts in found.items():
+            layer = layers.get(name)
+            if layer is None:
+                continue
+            shape = (layer.weight.shape[0],)
+            if (set(parts) != {"s", "z"} or parts["s"].shape != shape or parts["z"].shape != shape
+                    or not bool(torch.isfinite(parts["s"]).all() and (parts["s"] > 0).all())
+                    or not bool(torch.isfinite(parts["z"]).all())):
+                raise ValueError(f"entry {name} W{bits} has wrong shapes or values")
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("weight ranges at %s are invalid (%s: %s); searched again and rewritten", path, type(e).__name__, e)
+        if problems is not None:
+            problems.append(f"{type(e).__name__}: {e}")
         return 0
     n = 0
     for (name, bits, search), parts in found.items():
         layer = layers.get(name)
-        if layer is None or set(parts) != {"s", "z"} or parts["s"].shape != (layer.weight.shape[0],):
+        if layer is None:
             continue
         if (bits, search) not in layer._dgq_wranges:
             layer._dgq_wranges[(bits, search)] = (parts["s"].to(device), parts["z"].to(device))

@@ -75,7 +75,8 @@ def test_slider_regenerates_only_quantized_and_never_recalibrates(cb, first):
     eng = cb.engine
     before = dict(eng.stats)
     calib = eng.model().studio.calibration
-    out = cb.requantize(4, 6, 8, "qdiff", True, "auto", True, True, True, True, first[-1], progress=_quiet)
+    out = cb.requantize(4, 6, 8, "qdiff", True, "auto", True, True, True, True, "nearest", "simulated", first[-1],
+                       progress=_quiet)
     base, dq, base_md, dgq_md, wipe, payload, state = out
     assert eng.stats["generated"] - before["generated"] == 2  # baseline + DGQ; FP came from the cache
     assert eng.stats["calibrations"] == before["calibrations"] and eng.model().studio.calibration is calib
@@ -88,7 +89,8 @@ def test_slider_regenerates_only_quantized_and_never_recalibrates(cb, first):
 
 
 def test_requantize_without_a_generation_does_nothing(cb):
-    out = cb.requantize(4, 6, 8, "tfmq", True, "auto", True, True, True, True, None, progress=_quiet)
+    out = cb.requantize(4, 6, 8, "tfmq", True, "auto", True, True, True, True, "nearest", "simulated", None,
+                       progress=_quiet)
     assert len(out) == 7
 
 
@@ -113,9 +115,10 @@ def test_bad_input_is_a_clear_gr_error(cb, kwargs, match):
 
 
 def test_unloadable_model_names_the_reason_and_others_keep_serving(cb, tmp_path):
-    with pytest.raises(gr.Error, match="does not exist"):
+    with pytest.raises(gr.Error, match="model: .* is not offered by this server") as e:
         user_errors(cb.generate)(PROMPT, 1, STEPS, 7.5, str(tmp_path / "missing"), progress=_quiet, **QUANT)
-    assert "could not be loaded" in cb.model_status(str(tmp_path / "missing"))
+    assert str(tmp_path) not in str(e.value.message)[len("model: ") + 90:]  # the name is echoed, never more
+    assert "not offered" in cb.model_status(str(tmp_path / "missing"))
     out = cb.generate(PROMPT, 1, STEPS, 7.5, "", progress=_quiet, **QUANT)
     assert out[0] is not None
 
@@ -161,7 +164,9 @@ def test_views_need_a_generation(cb):
 
 
 def test_input_helpers():
-    req = make_request(" a red circle ", 5.0, 4.0, 7, "", "tiny")
+    from app.models import ModelPolicy
+
+    req = make_request(" a red circle ", 5.0, 4.0, 7, "", ModelPolicy("tiny", ()))
     assert (req.prompt, req.seed, req.steps, req.guidance, req.model) == ("a red circle", 5, 4, 7.0, "tiny")
     base, dq = make_configs(4, 6, 8, "qdiff", True, "pixel", False, True, True, False)
     assert base.label() == "Q-Diffusion W4A6" and dq.label().startswith("DGQ W4A6 K=8 axis=pixel")
@@ -184,3 +189,32 @@ def test_cached_example_gets_the_state_generate_would_give(cb, first):
     out = cb.example(*row)
     assert len(out) == len(first) - 1 and cb.example_state(row) == first[-1]  # no state in the example cache
     assert np.array_equal(_arr(out[2]), _arr(first[2]))
+
+
+def test_an_enabled_local_folder_is_calibrated_once_under_two_spellings(tmp_path):
+    from pathlib import Path
+
+    from app.models import ModelPolicy
+    from app.testing import make_engine, random_model_folder
+
+    engine = make_engine()
+    folder = Path(random_model_folder())
+    engine.policy = ModelPolicy("tiny", (), allow_local=True)
+    (tmp_path / "link").symlink_to(folder)
+    cb = Callbacks(engine)
+    names = [str(folder), str(folder.parent / ".." / folder.parent.name / folder.name), str(tmp_path / "link")]
+    for name in names:
+        out = cb.generate(PROMPT, 1, 2, 7.5, name, progress=_quiet, **QUANT)
+        assert out[0] is not None
+    assert engine.stats["calibrations"] == 1 and list(engine._models) == [str(folder.resolve())]
+    assert str(folder.parent) not in cb.model_status(names[1])  # named back by the folder's name only
+
+
+def test_execution_and_weight_rounding_toggles(cb):
+    out = cb.generate(PROMPT, 1, 2, 7.5, "", 8, 8, 16, "tfmq", execution="int8", progress=_quiet)
+    metrics = out[8]["columns"]
+    assert "int8" in metrics["dgq"]["label"] and "int8" in metrics["baseline"]["label"]
+    assert metrics["dgq"]["config"]["execution"] == "int8"
+    # the random test model has no learned rounding: the toggle says where one exists, nothing runs
+    with pytest.raises(gr.Error, match="weight_rounding: no learned .AdaRound. rounding at w_bits=4; this model has none"):
+        user_errors(cb.generate)(PROMPT, 1, 2, 7.5, "", 4, 6, 16, "tfmq", weight_rounding="adaround", progress=_quiet)

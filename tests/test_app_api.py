@@ -76,7 +76,14 @@ def test_three_images_and_metrics(client):
     (dict(steps=10_000), "steps|maximum"),
     (dict(w_bits=1), "w_bits|minimum"),
     (dict(groups=3), "groups|choices"),
-    (dict(model="/no/such/model/folder"), "does not exist"),
+    (dict(model="/no/such/model/folder"), "model: .* is not offered by this server"),
+    (dict(seed="abc"), "seed: 'abc' is not an integer"),
+    (dict(seed=1.5), "seed: 1.5 is not an integer"),
+    (dict(steps=51), "steps: 51 is out of range; allowed: integers 1..50"),
+    (dict(w_bits="4"), "w_bits: '4' is not an integer"),
+    (dict(prompt=123), "prompt: 123 \\(int\\) is not text"),
+    (dict(prompt="\u200b\u200b"), "prompt: the prompt is empty"),
+    (dict(model=True), "model: True \\(bool\\) is not a model name"),
 ])
 def test_bad_input_is_an_app_error_and_the_app_keeps_serving(client, kw, match):
     with pytest.raises(gradio_client.exceptions.AppError, match=match):

@@ -58,7 +58,10 @@ def test_score_buffers_are_per_thread_and_bounded():
         seen.append(A._scores_buffer(torch.Size((1, 2, 8, 8)), torch.zeros(1)))
 
     t1, t2 = threading.Thread(target=work), threading.Thread(target=work)
-    t1.start(); t1.join(); t2.start(); t2.join()
+    t1.start()
+    t1.join()
+    t2.start()
+    t2.join()
     assert seen[0] is not seen[1]
     for n in range(12):
         A._scores_buffer(torch.Size((1, 1, n + 1, 3)), torch.zeros(1))

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 import dgq.kernels as K
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import bench_kernels as mod
 
 
 @pytest.mark.skipif(not K.available(), reason="no C compiler: there is no kernel to compare")
 def test_kernel_benchmark_times_both_paths_and_restores_the_rule():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks/bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     real = K.usable
     rows = mod.main(["--repeats", "1", "--max-elements", "1100000"])
     assert {r["map"] for r in rows} == {"act", "probs"}

@@ -30,7 +30,8 @@ def test_aggregation_rules_min_max_ema_hist():
     ema = EMA_MOMENTUM * (-2.0) + (1 - EMA_MOMENTUM) * (-4.0)
     assert float(cal.get("lin", "ema_min", 900)) == pytest.approx(ema, rel=1e-3)  # stored in fp16
     assert float(cal.get("attn2.p", "pmax", 900)) == pytest.approx(float(torch.maximum(p1.max(), p2.max())), rel=1e-3)
-    assert float(cal.get("attn2.p", "pmax_rest", 900)) == pytest.approx(float(torch.maximum(p1[..., 1:].max(), p2[..., 1:].max())), rel=1e-3)
+    rest = torch.maximum(p1[..., 1:].max(), p2[..., 1:].max())
+    assert float(cal.get("attn2.p", "pmax_rest", 900)) == pytest.approx(float(rest), rel=1e-3)
     assert float(cal.get("attn2.p", "hist", 900).sum()) == 2 * 4 * 76  # summed, <start> column apart
     assert float(cal.get("attn2.p", "hist0", 900).sum()) == 2 * 4
     # the all-steps key aggregates every call
@@ -114,3 +115,35 @@ def test_retrained_weights_do_not_reuse_a_cached_calibration(random_pipe, tmp_pa
     finally:
         with torch.no_grad():
             layer.weight.sub_(1e-3)
+
+
+@pytest.mark.parametrize("fault", ["no sites", "t_keys a string", "a list", "a site of the wrong kind",
+                                   "a tensor of the wrong length", "channels disagree"])
+def test_a_calibration_that_parses_but_does_not_validate_is_rebuilt(random_pipe, tmp_path, fault):
+    import json
+
+    import dgq
+    from dgq.calibration import Calibration, CalibrationMismatch
+
+    prompts = ["a small green square at the bottom"]
+    dgq.calibrate(random_pipe, prompts, steps=2, batch_size=1, cache=tmp_path, progress=False)
+    js = next(tmp_path.glob("*.json"))
+    meta = json.loads(js.read_text())
+    site = next(n for n, d in meta["sites"].items() if d["kind"] == "linear")
+    if fault == "no sites":
+        del meta["sites"]
+    elif fault == "t_keys a string":
+        meta["t_keys"] = "961"
+    elif fault == "a list":
+        meta = [meta]
+    elif fault == "a site of the wrong kind":
+        meta["sites"][site]["kind"] = 7
+    elif fault == "a tensor of the wrong length":
+        meta["t_keys"] = meta["t_keys"][1:]
+    else:
+        meta["sites"][site]["channels"] += 1
+    js.write_text(json.dumps(meta))
+    with pytest.raises(CalibrationMismatch, match="not a JSON object|does not hold a valid calibration|format"):
+        Calibration.load(js.with_suffix(""))
+    again = dgq.calibrate(random_pipe, prompts, steps=2, batch_size=1, cache=tmp_path, progress=False)
+    assert again.sites and Calibration.load(js.with_suffix("")).sites.keys() == again.sites.keys()  # rewritten valid

@@ -81,10 +81,25 @@ def test_calibrate_and_generate_single_and_batch(saved_random_model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert out.exists()
     d = tmp_path / "batch"
-    r = run("generate", "--model", str(saved_random_model), "--method", "dgq", "--w-bits", "4", "--a-bits", "6",
-            "--groups", "8", "--no-log", "--steps", "3", "--calib-steps", "3", "--prompts-file", str(pf),
-            "--out-dir", str(d), env=env)
+    r = run("-v", "generate", "--model", str(saved_random_model), "--method", "dgq", "--w-bits", "4", "--a-bits", "6",
+            "--groups", "8", "--no-log", "--steps", "3", "--calib-steps", "3", "--calib-prompts-file", str(pf),
+            "--prompts-file", str(pf), "--out-dir", str(d), env=env)
     assert r.returncode == 0, r.stderr
+    assert "calibration loaded from" in r.stderr and "recalibrating" not in r.stderr  # the one `calibrate` made
     assert sorted(p.name for p in d.iterdir()) == ["0000.png", "0001.png", "settings.json"]
     s = json.loads((d / "settings.json").read_text())
     assert s["config"]["groups"] == 8 and s["config"]["log_quant"] is False and s["prompts"][1].startswith("a small")
+
+
+def test_module_subcommands_are_registered_explicitly_and_a_silent_one_fails(monkeypatch):
+    """`eval` and `bench` come from the MODULE_COMMANDS table, imported like any module (an import
+    error stops the CLI); an add_parser that registers nothing raises instead of vanishing."""
+    import argparse
+
+    from dgq import cli
+
+    subs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"eval", "bench"} <= set(cli.MODULE_COMMANDS) <= set(subs.choices)
+    monkeypatch.setitem(cli.MODULE_COMMANDS, "nothing", lambda sub: None)
+    with pytest.raises(RuntimeError, match="did not register the 'nothing' subcommand"):
+        cli.build_parser()

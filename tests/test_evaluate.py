@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from dgq import evaluate as E
 from dgq.cli import build_parser, main
+from dgq.eval.cli import resolve_options
+from dgq.eval.plan import Plan, selected_metrics
+from dgq.eval.settings import SETTING_GROUPS, parse_setting, parse_settings
+from dgq.prompts import read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle on the left", "a small blue square at the top",
@@ -82,39 +85,39 @@ def _images(out: Path) -> dict[str, bytes]:
 
 # ----------------------------------------------------------------------------- parsing
 def test_setting_syntax_and_slugs():
-    s = E.parse_setting("DGQ:w4a6:k8:nolog:axis=channel")
+    s = parse_setting("DGQ:w4a6:k8:nolog:axis=channel")
     assert s.spec == "dgq:W4A6:K8:axis=channel:nolog" and s.slug == "dgq-w4a6-k8-axis-channel-nolog"
     assert s.config.log_quant is False and s.config.axis.value == "channel" and s.config.groups == 8
-    assert E.parse_setting("dgq").spec == "dgq:W8A8:K16"
-    assert E.parse_setting("tfmq:W8A6").config.label() == "TFMQ-DM W8A6"
-    assert E.parse_setting("qdiff:W4A8").slug == "qdiff-w4a8"
-    d = E.parse_setting("dgq:W4A6:nogroups:nostart:static:notime:batchscale").config
+    assert parse_setting("dgq").spec == "dgq:W8A8:K16"
+    assert parse_setting("tfmq:W8A6").config.label() == "TFMQ-DM W8A6"
+    assert parse_setting("qdiff:W4A8").slug == "qdiff-w4a8"
+    d = parse_setting("dgq:W4A6:nogroups:nostart:static:notime:batchscale").config
     assert (d.use_groups, d.start_token, d.dynamic_scale, d.time_aware, d.scale_scope.value) == (
         False, False, False, False, "batch")
     # canonical specs parse back to the same config
-    for spec in E.SETTING_GROUPS["table2"] + E.SETTING_GROUPS["ablation"][1:]:
-        s = E.parse_setting(spec)
-        assert E.parse_setting(s.spec) == s
-    assert len(E.parse_settings("table2")) == 17
+    for spec in SETTING_GROUPS["table2"] + SETTING_GROUPS["ablation"][1:]:
+        s = parse_setting(spec)
+        assert parse_setting(s.spec) == s
+    assert len(parse_settings("table2")) == 17
     for bad, match in (("nope", "unknown method"), ("dgq:W1A8", "w_bits"), ("tfmq:W8A3", "a_bits"), ("tfmq:K8", "dgq only"),
                        ("fp:W8A8", "fp takes"), ("dgq:W8A8:K5", "groups"), ("dgq:fast", "unknown part"),
                        ("dgq:axis=diag", "axis")):
         with pytest.raises(ValueError, match=match):
-            E.parse_setting(bad)
+            parse_setting(bad)
     with pytest.raises(ValueError, match="twice"):
-        E.parse_settings("dgq:W8A8,dgq:w8a8:k16")
+        parse_settings("dgq:W8A8,dgq:w8a8:k16")
 
 
 def test_prompt_files_and_plan(tmp_path):
     (tmp_path / "coco.csv").write_text('file_name,text\nA.jpg,"a cat, on a mat"\nB.jpg,a dog\n')
-    assert E.load_prompts(tmp_path / "coco.csv") == ["a cat, on a mat", "a dog"]
+    assert read_prompts(tmp_path / "coco.csv") == ["a cat, on a mat", "a dog"]
     (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nbanana\tFood\napple\tFood\n")
-    assert E.load_prompts(tmp_path / "parti.tsv") == ["banana", "apple"]
+    assert read_prompts(tmp_path / "parti.tsv") == ["banana", "apple"]
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="prompt-column"):
-        E.load_prompts(tmp_path / "x.csv")
-    assert E.load_prompts(tmp_path / "x.csv", column="B") == ["2"]
-    plan = E.Plan(("p0", "p1", "p2"), images_per_prompt=3, seed=42, batch_size=4)
+        read_prompts(tmp_path / "x.csv")
+    assert read_prompts(tmp_path / "x.csv", column="B") == ["2"]
+    plan = Plan(("p0", "p1", "p2"), images_per_prompt=3, seed=42, batch_size=4)
     assert plan.n == 9 and plan.prompt(5) == "p1" and plan.seed_of(5) == 47
     assert plan.batches() == [(0, 4), (4, 8), (8, 9)]
     assert plan.shard(0, 2) == [(0, 4), (8, 9)] and plan.shard(1, 2) == [(4, 8)]
@@ -122,14 +125,14 @@ def test_prompt_files_and_plan(tmp_path):
 
 def test_presets_and_overrides(tmp_path):
     p = build_parser()
-    o = E._resolve(p.parse_args(["eval", "--out", str(tmp_path), "--preset", "coco"]))
+    o = resolve_options(p.parse_args(["eval", "--out", str(tmp_path), "--preset", "coco"]))
     assert (o.steps, o.guidance, o.metric_size, o.clip_limit, o.images_per_prompt, o.batch_size) == (
         25, 7.5, 256, 3000, 1, 5)
-    o = E._resolve(p.parse_args(["eval", "--out", str(tmp_path), "--preset", "parti", "--clip-limit", "30"]))
+    o = resolve_options(p.parse_args(["eval", "--out", str(tmp_path), "--preset", "parti", "--clip-limit", "30"]))
     assert (o.images_per_prompt, o.clip_limit, o.metric_size) == (3, 30, 0)
-    assert E.selected_metrics(o.metrics, embedded=False) == ["clip", "psnr", "ssim"]
-    assert E.selected_metrics("auto", embedded=True) == ["align", "domain-fid", "psnr", "ssim"]
-    assert E.selected_metrics("auto", embedded=False) == ["clip", "fid", "psnr", "ssim"]
+    assert selected_metrics(o.metrics, embedded=False) == ["clip", "psnr", "ssim"]
+    assert selected_metrics("auto", embedded=True) == ["align", "domain-fid", "psnr", "ssim"]
+    assert selected_metrics("auto", embedded=False) == ["clip", "fid", "psnr", "ssim"]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -158,8 +161,9 @@ def test_end_to_end_writes_images_and_tables(single_run):
     md = (out / "results.md").read_text()
     assert "| DGQ W8A8 K=4 | 8/8 |" in md and "n/a [1]" in md and "[1] unavailable:" in md
     # same seeds: FP image i equals a direct generation with seed 42 + i
-    import dgq
     from PIL import Image
+
+    import dgq
 
     pipe = dgq.load_pipeline(doc["plan"]["model"], device="cpu")
     g = dgq.Studio(pipe).generate(PROMPTS[2], seed=44, steps=3)

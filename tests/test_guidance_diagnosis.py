@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,9 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not (ROOT / "assets/tiny-sd/model_index.json").exists(), reason="embedded model missing")
 def test_diagnosis_writes_every_section(tmp_path):
-    spec = importlib.util.spec_from_file_location("guidance_diagnosis", ROOT / "benchmarks/guidance_diagnosis.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from benchmarks import guidance_diagnosis as mod
+
     out = tmp_path / "diag.json"
     mod.main(["--n", "3", "--steps", "3", "--batch", "3", "--out", str(out)])
     rep = json.loads(out.read_text())

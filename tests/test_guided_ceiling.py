@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from benchmarks import guided_ceiling as GC
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("guided_ceiling", ROOT / "benchmarks" / "guided_ceiling.py")
-GC = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(GC)
 
 
-def test_the_weight_matches_the_trainers_ramp():
+def test_the_weight_matches_the_trainersramp():
     import torch
 
-    from dgq.tiny.train_gpu import _ramp
+    from dgq.tiny.train import ramp
 
     sched = GC.parse_schedule("1.5:650:700")
     for t in (0, 300, 650, 660, 675, 699, 700, 900):
-        r = float(_ramp(torch.tensor([t]), 700, 650))
+        r = float(ramp(torch.tensor([t]), 700, 650))
         assert GC.weight(t, 7.5, sched) == pytest.approx(1 - r * (1 - 1.5 / 7.5))
     assert GC.weight(100, 7.5, None) == 1.0
 

@@ -136,11 +136,9 @@ def test_kernels_switch_off_with_the_environment(monkeypatch):
 def test_large_tensors_go_to_the_threaded_eager_ops_only_from_a_serial_build(monkeypatch, openmp):
     """A serial build leaves maps above SINGLE_THREAD_MAX to PyTorch's threaded ops when more
     than one thread is allowed; an OpenMP build splits them itself."""
-    import dgq.quantizer as Q
-
     monkeypatch.setattr(K, "SINGLE_THREAD_MAX", 100)
     monkeypatch.setattr(K, "_parallel", openmp)
-    monkeypatch.setattr(Q, "_LAYOUTS", {})
+    monkeypatch.setattr(K, "_LAYOUTS", {})  # the kernels' layout decisions, cached per input
     assert K.parallel_build() is openmp
     x = torch.randn(2, 10, 8)  # 160 elements
     q = ActQuant(8, "channel", torch.rand(8) + 0.1, torch.full((8,), 128.0))
@@ -226,3 +224,21 @@ def test_slot_buffers_are_reused_per_slot_and_never_under_autograd():
         c1 = apply_act(x, q, "conv", slot="layer-a")
         c2 = apply_act(x, q, "conv", slot="layer-a")
         assert c1.data_ptr() != c2.data_ptr()  # a graph could keep the first one
+
+
+def test_a_damaged_library_is_detected_and_rebuilt(monkeypatch, tmp_path, caplog):
+    import logging
+
+    if K._build(tmp_path) is None:
+        pytest.skip("no C compiler")
+    lib = next(tmp_path.glob("*.so"))
+    good = lib.read_bytes()
+    lib.write_bytes(good[: len(good) // 3])  # truncated, as by a full disk or a killed copy
+    assert K._check_library(lib) is not None
+    with caplog.at_level(logging.WARNING):
+        path, _ = K._build(tmp_path)
+    assert "damaged" in caplog.text and path == lib and lib.read_bytes() != good[: len(good) // 3]
+    assert K._check_library(lib) is None
+    K._digest_file(lib).write_text("0" * 64)  # a checksum that does not match: rebuilt too
+    assert K._check_library(lib) is not None
+    assert K._build(tmp_path)[0] == lib and K._check_library(lib) is None

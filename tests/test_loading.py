@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_embedded_model_declares_its_guidance():
     g = model_defaults("tiny")["guidance"]
-    assert g == SD_GUIDANCE  # 7.5 was distilled into the shipped weights (README, "The embedded model")
+    assert g == SD_GUIDANCE  # 7.5 was distilled into the shipped weights (docs/embedded-model.md)
     assert json.loads((TINY_DIR / "dgq_defaults.json").read_text())["guidance"] == g
 
 
@@ -51,3 +51,29 @@ def test_load_pipeline_attaches_the_defaults_and_studio_uses_them(tmp_path):
     other = studio.generate("a large red circle on the left", seed=0, steps=2, guidance=7.5)
     assert np.array_equal(np.asarray(g.image), np.asarray(same.image))
     assert not np.array_equal(np.asarray(g.image), np.asarray(other.image))
+
+
+def test_pickle_only_weights_are_refused_with_the_fix(tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(TINY_DIR, folder)
+    st = next((folder / "unet").glob("*.safetensors"))
+    st.rename(st.with_suffix(".bin"))  # what a folder saved without safe_serialization holds
+    with pytest.raises(dgq.ModelLoadError, match=r"unet hold\(s\) pickle weights only.*safe_serialization=True") as e:
+        dgq.load_pipeline(str(folder), device="cpu")
+    assert str(tmp_path) not in e.value.public and "pickles" in e.value.public
+
+
+def test_one_folder_has_one_name_under_every_spelling(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(TINY_DIR, folder)
+    (tmp_path / "link").symlink_to(folder)
+    spellings = [str(folder), str(tmp_path / "m" / ".." / "m"), str(tmp_path / "link")]
+    assert {dgq.canonical_model(s) for s in spellings} == {str(folder.resolve())}
+    assert dgq.canonical_model(str(TINY_DIR / ".." / "tiny-sd")) == "tiny" == dgq.canonical_model("tiny")
+    pipe = dgq.load_pipeline(spellings[1], device="cpu")
+    assert pipe.dgq_model_id == str(folder.resolve())  # the calibration cache key: one file per folder
+    assert dgq.load_pipeline(str(TINY_DIR / ".." / "tiny-sd"), device="cpu").dgq_model_id == "tiny"
+    missing = tmp_path / "missing"
+    with pytest.raises(dgq.ModelLoadError) as e:
+        dgq.load_pipeline(str(missing), device="cpu")
+    assert str(tmp_path) in str(e.value) and str(tmp_path) not in e.value.public

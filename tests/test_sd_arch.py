@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dgq
-from dgq.bops import build_unet, count_macs, bops
+from dgq.bops import bops, build_unet, count_macs
 from dgq.calibration import StatsCollector
 from dgq.context import RunContext, use
 from dgq.modules import QuantMixin, quantize_

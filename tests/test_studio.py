@@ -215,3 +215,70 @@ def test_prepare_builds_everything_a_first_generation_would(random_studio):
         QuantParams._build_site = real
     assert not calls and (len(params._act), len(params._prob)) == built
     assert random_studio.prepare(dgq.FP) >= 0
+
+
+def test_tokenizing_from_many_threads_never_mixes_padding_settings(random_pipe):
+    """The pipeline pads to 77 tokens while `Studio.tokens` encodes untruncated: a fast tokenizer
+    shared by threads keeps those settings in one object, so each thread gets its own copy."""
+    from dgq.studio import _pipeline_view, thread_tokenizer
+
+    tok = random_pipe.tokenizer
+    prompt = "a large red circle on the left"
+    want_pad = tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    want_free = tok(prompt, truncation=False).input_ids
+    assert len(want_pad) == 77 and len(want_free) < 77
+    bad: list[int] = []
+    owners: dict[str, object] = {}
+
+    def pipeline_side() -> None:
+        t = _pipeline_view(random_pipe).tokenizer  # what encode_prompt uses in a generation
+        owners["pipeline"] = t
+        for _ in range(3000):
+            if t(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids != want_pad:
+                bad.append(1)
+
+    def studio_side() -> None:
+        t = thread_tokenizer(tok)  # what Studio.tokens uses
+        owners["studio"] = t
+        for _ in range(3000):
+            if t(prompt, truncation=False).input_ids != want_free:
+                bad.append(2)
+
+    threads = [threading.Thread(target=f) for f in (pipeline_side, studio_side)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    assert owners["pipeline"] is not owners["studio"] and owners["pipeline"] is not tok
+    assert thread_tokenizer(tok) is thread_tokenizer(tok)  # one copy per thread, built once
+
+
+def test_a_plain_pipeline_call_runs_the_variant_and_is_recorded(random_studio, random_pipe):
+    """`with studio.use(config): pipe(prompt)` gives what `studio.generate` gives, and
+    `with dgq.record(pipe)` records a plain call like a `generate` call."""
+    cfg = dgq.DGQConfig(w_bits=4, a_bits=6, groups=8)
+    prompt = "a large red circle on the left"
+    want = random_studio.generate(prompt, seed=5, config=cfg, steps=3, guidance=7.5)
+    with dgq.record() as ref:
+        random_studio.generate(prompt, seed=5, config=cfg, steps=3, guidance=7.5)
+
+    def plain():
+        return random_pipe(prompt, num_inference_steps=3, guidance_scale=7.5, output_type="np",
+                           generator=torch.Generator("cpu").manual_seed(5),
+                           height=random_studio.resolution, width=random_studio.resolution).images[0]
+
+    fp = plain()
+    with random_studio.use(cfg):
+        quant = plain()
+    assert np.array_equal(np.asarray(want.image, dtype=np.int16), np.round(quant * 255).astype(np.int16))
+    assert np.abs(quant - fp).max() > 0  # the variant really ran
+    with dgq.record(random_pipe) as rec, random_studio.use(cfg):
+        plain()
+    assert rec.tokens == ref.tokens and rec.tokens[0] == "<start>" and rec.cfg
+    assert np.allclose(rec.token_mass(), ref.token_mass(), atol=1e-6)
+    assert np.allclose(rec.cross_attention("<start>"), ref.cross_attention("<start>"), atol=1e-6)
+    with dgq.record(random_pipe) as fp_rec:  # no studio.use: an FP run, recorded
+        again = plain()
+    # recording needs the probabilities, so attention runs explicitly instead of fused: float rounding only
+    assert np.allclose(again, fp, atol=1e-5) and fp_rec.timesteps() and fp_rec.tokens == rec.tokens

@@ -31,7 +31,7 @@ def test_ranges_are_kept_and_reused_without_searching(pipe, tmp_path, monkeypatc
     studio.search_weight_ranges([4, 6])
     files = list(tmp_path.glob("*.safetensors"))
     assert [f.name for f in files] == [f"{weights_fingerprint(pipe.unet)}.safetensors"]
-    want = {n: l.quantized_weight(4).clone() for n, l in studio._qlayers.items()}
+    want = {n: layer.quantized_weight(4).clone() for n, layer in studio._qlayers.items()}
     _forget(studio)
 
     def no_search(*a, **k):
@@ -53,7 +53,7 @@ def test_ranges_of_other_weights_or_a_corrupted_file_are_not_used(pipe, tmp_path
     path.write_bytes(b"\x00" * 64)
     with caplog.at_level(logging.WARNING):
         assert WR.load_into(studio._qlayers, path, weights_fingerprint(pipe.unet)) == 0
-    assert "unreadable" in caplog.text
+    assert "invalid" in caplog.text
     fresh = Studio(pipe, range_cache=tmp_path)  # a new session: nothing usable on disk
     assert WR.entry_count(fresh._qlayers) == 0
     fresh.search_weight_ranges([4])  # searched again and the file rewritten whole
@@ -78,3 +78,35 @@ def test_the_shipped_ranges_match_the_shipped_weights():
         s, z = layer._dgq_wranges[(4, "mse")]
         _, s2, z2 = P.quantize_weight(layer.weight, 4, "mse")
         assert torch.equal(s, s2) and torch.equal(z, z2)
+
+
+def test_a_file_with_wrong_values_or_schema_is_reported_and_rewritten(pipe, tmp_path, caplog):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    studio = Studio(pipe, range_cache=tmp_path)
+    studio.search_weight_ranges([4])
+    path = next(tmp_path.glob("*.safetensors"))
+    key = weights_fingerprint(pipe.unet)
+    meta = safe_open(str(path), "pt").metadata()
+    good = load_file(str(path))
+    name = next(k for k in good if k.endswith("|s"))
+    faults = {
+        "a value changed": ({**good, name: good[name] * 2}, meta),  # checksum
+        "a NaN scale": ({**good, name: good[name] * float("nan")}, None),  # values (checksum re-made)
+        "a wrong shape": ({**good, name: good[name][:1]}, None),
+        "metadata a list": (good, {"json": "[1, 2]"}),
+    }
+    for fault, (tensors, md) in faults.items():
+        if md is None:
+            md = {"json": json.dumps(dict(json.loads(meta["json"]), sha256=WR._digest(tensors)))}
+        save_file(tensors, str(path), metadata=md)
+        problems: list[str] = []
+        _forget(studio)
+        with caplog.at_level(logging.WARNING):
+            assert WR.load_into(studio._qlayers, path, key, problems) == 0, fault
+        assert len(problems) == 1, fault
+        fresh = Studio(pipe, range_cache=tmp_path)  # reports it and rewrites the file at once
+        fresh.search_weight_ranges([4])
+        _forget(studio)
+        assert WR.load_into(studio._qlayers, path, key) == len(studio._qlayers), fault

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from dgq.paths import EVALUATOR_DIR
 from dgq.tiny import render as R
 
 log = logging.getLogger("dgq.tiny.evaluator")
@@ -88,8 +89,8 @@ _IGNORE = -100
 
 
 def default_path() -> Path:
-    """The shipped weights: ``<repo>/assets/evaluator``."""
-    return Path(__file__).resolve().parents[2] / "assets" / "evaluator"
+    """The shipped weights: ``assets/evaluator`` (see `dgq.paths`)."""
+    return EVALUATOR_DIR
 
 
 # ----------------------------------------------------------------------------- image inputs

@@ -222,3 +222,17 @@ def _parse_obj(text: str) -> Obj:
     if len(parts) != 3 or parts[0] != "a":
         raise ValueError(f"cannot parse object {text!r}")
     return Obj(parts[1], parts[2])
+
+
+def render_batch(seeds: list[int]):
+    """Renders of `seeds` as a [-1, 1] float tensor [N, 3, 64, 64] and their captions."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - the renderer itself needs neither
+
+    arrs, caps = [], []
+    for s in seeds:
+        _, cap, img = sample(s)
+        arrs.append(to_array(img))
+        caps.append(cap)
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, caps

@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="docs/tiny-quality.json")
     p.add_argument("--grid", default="docs/img/tiny-fp-grid.png")
     a = p.parse_args(argv)
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
     import dgq  # noqa: PLC0415
     from dgq.tiny.evaluator import load_evaluator  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
 
     pipe = dgq.load_pipeline(a.model, device="cpu")
     a.guidance = dgq.default_guidance(pipe) if a.guidance is None else a.guidance

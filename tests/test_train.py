@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import dgq
-from dgq.tiny import train_gpu as T
+from dgq.tiny import train as T
 from dgq.tiny.models import ARCHS, make_unet
 
 
@@ -112,7 +112,7 @@ def test_guidance_aware_training_moves_the_conditional_target_only_at_low_noise(
                  save_every=1e9, eval_n=0, uncond="paired", guided=(7.5, 2.0), guided_below=700,
                  t_sampling="uniform")
     assert _meta(tmp_path / "s.safetensors")["guided"] == [7.5, 2.0]
-    (pc, target_c), (pu, target_u) = losses[0], losses[1]
+    (_, target_c), (pu, target_u) = losses[0], losses[1]
     # the unconditional branch keeps the sampled v; recover v and t-weights from the two targets
     v = target_u
     w = ((target_c - v) / ((pu + (2.0 / 7.5) * (v - pu)) - v)).flatten(1).median(1).values
