@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dgq.fingerprint import file_sha256
 from dgq.paths import ASSETS
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class Rounding:
         tmp, tmp_js = st.with_name(st.name + tag), js.with_name(js.name + tag)
         save_file(tensors, str(tmp))
         meta = dict(self.meta, format_version=FORMAT_VERSION, bits=self.bits, search=self.search, shapes=shapes,
-                    sha256=_sha256(tmp))
+                    sha256=file_sha256(tmp))
         tmp_js.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, st)
         os.replace(tmp_js, js)
@@ -234,7 +235,7 @@ class Rounding:
         path = Path(path)
         meta = cls.read_meta(path, expect)
         st = path.with_suffix(".safetensors")
-        if _sha256(st) != meta.get("sha256"):
+        if file_sha256(st) != meta.get("sha256"):
             raise RoundingMismatch(f"checksum mismatch: {st} is corrupted")
         try:
             tensors = load_file(str(st))
@@ -258,14 +259,6 @@ class Rounding:
             mask = self.layers[name][0]
             if mask.shape[0] != layer.weight.shape[0] or mask.numel() != layer.weight.numel():
                 raise RoundingMismatch(f"rounding of {name} has shape {tuple(mask.shape)}, the layer {tuple(layer.weight.shape)}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- where files live

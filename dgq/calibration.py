@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dgq import primitives as P
+from dgq.fingerprint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ class Calibration:
         save_file({k: (v.half() if v.dtype == torch.float32 and _STORE_HALF(k) else
                        v.float() if v.dtype == torch.float64 else v).contiguous()
                    for k, v in self.tensors.items()}, str(tmp))
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         meta = dict(self.meta, format_version=FORMAT_VERSION, t_keys=self.t_keys, sha256=digest,
                     sites={n: _site_to_json(i) for n, i in self.sites.items()})
         tmp_js = js.with_name(js.name + ".tmp")
@@ -401,7 +402,7 @@ class Calibration:
         for k, v in (expect or {}).items():
             if meta.get(k) != v:
                 raise CalibrationMismatch(f"calibration was made for {k}={meta.get(k)!r}, not {v!r}")
-        if _sha256(st) != meta.get("sha256"):
+        if file_sha256(st) != meta.get("sha256"):
             raise CalibrationMismatch(f"checksum mismatch: {st} is corrupted")
         try:
             tensors = load_file(str(st))
@@ -419,14 +420,6 @@ class Calibration:
 
 class CalibrationMismatch(RuntimeError):
     """A cached calibration that must not be used (stale, for another setup, or corrupted)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _validated(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, SiteInfo], list[int]]:

@@ -27,6 +27,7 @@ import torch
 from dgq.calibration import Calibration, CalibrationMismatch, StatsCollector, prompts_hash
 from dgq.config import FP, FPConfig, QuantConfig
 from dgq.context import Perturbation, RunContext, pending_recorder, use
+from dgq.fingerprint import weights_fingerprint
 from dgq.loading import SD_GUIDANCE, default_guidance, is_embedded
 from dgq.modules import quantize_, quantized_layers
 from dgq.paths import SD_PROMPTS_FILE, SHIPPED_CALIBRATION, SHIPPED_WEIGHT_RANGES, cache_dir
@@ -86,20 +87,6 @@ def _pipeline_view(pipe):
     view = pipe.__class__(**comps, requires_safety_checker=False) if "safety_checker" in comps else pipe.__class__(**comps)
     view.set_progress_bar_config(disable=True)
     return view
-
-
-def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 1024) -> str:
-    """A short hash of a module's parameters (names, shapes, dtypes and an evenly strided sample of
-    each tensor's values): a retrained or edited model under the same name never reuses another
-    model's calibration, at the cost of reading ~1k values per tensor instead of all of them."""
-    h = hashlib.sha256()
-    for name, p in module.state_dict().items():
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // per_tensor)
-        sample = flat[::step].float().cpu().contiguous()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _calibration_key(pipe, prompts: Sequence[str], steps: int, guidance: float, batch_size: int = 8,
