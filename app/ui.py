@@ -124,8 +124,9 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
                                                  "paper's SD recipe), where `dgq reconstruct` stored one for this W")
                     execution = radio("execution", C.EXECUTIONS, value="simulated", label="execution",
                                       elem_id="execution",
-                                      info="int8 = integer GEMMs on the codes (A = 8), equal to simulated up to "
-                                           "fp32 rounding")
+                                      info="int8 = integer GEMMs on the codes (A = 8): each layer equals the "
+                                           "simulated one up to fp32 rounding; faster only where the CPU has VNNI "
+                                           "(or on CUDA)")
         gen_btn = gr.Button("Generate FP · baseline · DGQ", variant="primary", elem_id="generate")
         notice = gr.Markdown("", label="notice", elem_id="notice", elem_classes="dgq-notice")
 
