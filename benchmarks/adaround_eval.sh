@@ -18,14 +18,4 @@ SETTINGS=${SETTINGS:-fp,dgq:W4A6:K16,dgq:W4A6:K16:adaround,dgq:W4A8:K16,dgq:W4A8
 ARGS=(--model tiny --prompts-file "$P" --limit "$LIMIT" --steps "$STEPS" --batch-size 20
       --metrics "${METRICS:-align,psnr,ssim}" --out "$OUT" --settings "$SETTINGS")
 
-if [ "$SHARDS" -le 1 ]; then
-  exec python -m dgq eval "${ARGS[@]}"
-fi
-mkdir -p "$OUT"
-pids=()
-for ((r = 1; r < SHARDS; r++)); do
-  OMP_NUM_THREADS=1 RANK=$r WORLD_SIZE=$SHARDS python -m dgq eval "${ARGS[@]}" > "$OUT/rank$r.log" 2>&1 &
-  pids+=($!)
-done
-OMP_NUM_THREADS=1 RANK=0 WORLD_SIZE=$SHARDS python -m dgq eval "${ARGS[@]}"
-for p in "${pids[@]}"; do wait "$p"; done
+SHARDS=$SHARDS OUT=$OUT bash benchmarks/eval_shards.sh "${ARGS[@]}"

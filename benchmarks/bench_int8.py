@@ -212,16 +212,19 @@ def render(rep: dict) -> str:
     def row(fig, val, bar="", ok=None):
         lines.append(f"| {fig} | {val} | {bar} | {'' if ok is None else ('yes' if ok else 'NO')} |")
 
-    for g in rep.get("gemms", []):
-        extra = f", int_mm {g['int_mm_ms']:.1f} ms ({g['fp32_ms'] / g['int_mm_ms']:.2f}× fp32)" if "int_mm_ms" in g else ""
-        row(f"GEMM {g['shape']}", f"fp32 {g['fp32_ms']:.1f} ms, fp32-exact {g['fp32_exact_ms']:.1f} ms{extra}")
-    if "sd_memory" in rep:
-        mem = rep["sd_memory"]
+    def memory_rows(mem):
         row("SD v1.4 int8-only / FP32 resident (tensor bytes)",
             f"{mem['ratio_bytes']:.3f} ({mem['int8_only_bytes'] / 2**30:.2f} / {mem['fp32_bytes'] / 2**30:.2f} GiB)",
             "≤ 0.35×", mem["ratio_bytes"] <= 0.35)
         row("SD v1.4 int8-only / FP32 process RSS", f"{mem['ratio_rss']:.3f} ({mem['int8_only_rss_mb']:.0f} / "
             f"{mem['fp32_rss_mb']:.0f} MiB)")
+
+    for g in rep.get("gemms", []):
+        extra = f", int_mm {g['int_mm_ms']:.1f} ms ({g['fp32_ms'] / g['int_mm_ms']:.2f}× fp32)" if "int_mm_ms" in g else ""
+        row(f"GEMM {g['shape']}", f"fp32 {g['fp32_ms']:.1f} ms, fp32-exact {g['fp32_exact_ms']:.1f} ms{extra}")
+    if "sd_memory" in rep:
+        mem = rep["sd_memory"]
+        memory_rows(mem)
     sd = rep.get("sd")
     if sd:
         s = sd["seconds"]
@@ -233,11 +236,7 @@ def render(rep: dict) -> str:
         if "dgq_sim" in s:
             row("SD v1.4 step DGQ simulated (s)", f"{s['dgq_sim']:.2f}")
         mem = sd["memory"]
-        row("SD v1.4 int8-only / FP32 resident (tensor bytes)",
-            f"{mem['ratio_bytes']:.3f} ({mem['int8_only_bytes'] / 2**30:.2f} / {mem['fp32_bytes'] / 2**30:.2f} GiB)",
-            "≤ 0.35×", mem["ratio_bytes"] <= 0.35)
-        row("SD v1.4 int8-only / FP32 process RSS", f"{mem['ratio_rss']:.3f} ({mem['int8_only_rss_mb']:.0f} / "
-            f"{mem['fp32_rss_mb']:.0f} MiB)")
+        memory_rows(mem)
         row("SD v1.4 fallbacks to simulated", str(len(sd["fallbacks"])))
     emb = rep.get("embedded")
     if emb:

@@ -20,14 +20,4 @@ qdiff:W4A8,tfmq:W4A8,dgq:W4A8:K8,dgq:W4A8:K16,qdiff:W4A4,dgq:W4A4:K8,tfmq:W8A4,d
 ARGS=(--model tiny --prompts-file "$P" --limit 200 --steps "$STEPS" --batch-size 20
       --domain-fid-refs 1000 --out "$OUT" --settings "$SETTINGS")
 
-if [ "$SHARDS" -le 1 ]; then
-  exec python -m dgq eval "${ARGS[@]}"
-fi
-mkdir -p "$OUT"
-pids=()
-for ((r = 1; r < SHARDS; r++)); do
-  OMP_NUM_THREADS=1 RANK=$r WORLD_SIZE=$SHARDS python -m dgq eval "${ARGS[@]}" > "$OUT/rank$r.log" 2>&1 &
-  pids+=($!)
-done
-OMP_NUM_THREADS=1 RANK=0 WORLD_SIZE=$SHARDS python -m dgq eval "${ARGS[@]}"
-for p in "${pids[@]}"; do wait "$p"; done
+SHARDS=$SHARDS OUT=$OUT bash benchmarks/eval_shards.sh "${ARGS[@]}"
