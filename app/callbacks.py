@@ -14,6 +14,7 @@ import uuid
 from typing import Any, Callable
 
 import gradio as gr
+import numpy as np
 
 import dgq
 from dgq.bops import si
@@ -108,9 +109,12 @@ def _fmt_align(m: dict[str, Any]) -> str:
     if isinstance(a, str):
         return a
     if m["alignment_metric"] == "evaluator":
-        parts = [f"{k.split('_', 1)[-1]} {'✓' if v >= 0.5 else '✗'}" for k, v in m["alignment_detail"].items()
+        detail = dict(m["alignment_detail"])
+        clip = detail.pop("clip_score", None)
+        parts = [f"{k.split('_', 1)[-1]} {'✓' if v >= 0.5 else '✗'}" for k, v in detail.items()
                  if not k.endswith("_all")]
-        return f"{a:.2f} (evaluator; {', '.join(parts)})"
+        clip_part = f"; domain CLIP {clip:.3f}" if clip is not None else ""
+        return f"{a:.2f} (evaluator; {', '.join(parts)}{clip_part})"
     return f"{a:.3f} (CLIP cosine)"
 
 
@@ -301,9 +305,15 @@ class Callbacks:
         if len(tokens) > C.MAX_TOKENS_SHOWN:
             notes.append(f"showing the first {C.MAX_TOKENS_SHOWN} of {len(tokens)} tokens")
         share = " · ".join(f"{lab}: **{100 * float(m[0]):.0f}%**" for lab, m in masses.items())
+        n_tok = len(tokens)
+        pad = " · ".join(f"{lab}: {100 * float(m[n_tok:].sum()):.0f}%" for lab, m in masses.items())
+        first = next(iter(masses.values()))
+        j_top = int(np.argmax(first))
+        top = "`<start>`" if j_top == 0 else (f"`{tokens[j_top]}`" if j_top < n_tok else "a padding position")
         info = (f"Tokens: {' '.join('`' + t + '`' for t in tokens[: C.MAX_TOKENS_SHOWN])}\n\n"
-                f"Share of cross-attention on `<start>` (index 0, kept in full precision by DGQ): {share}. "
-                f"It lights up the background; object words light up the objects.")
+                f"Share of cross-attention on `<start>` (index 0, kept in full precision by DGQ), measured on "
+                f"these images: {share}; on the padding after the end token: {pad}. The token with the largest "
+                f"share in the {next(iter(masses))} column is {top}.")
         if notes:
             info += "\n\n" + "; ".join(notes) + "."
         return (gallery, plots.token_mass_figure(tokens, masses),

@@ -150,6 +150,8 @@ class Engine:
         self._evaluator_reason: str | None = None
         self._clip: Any = None
         self._clip_reason: str | None = None
+        self._domain_clip: Any = None
+        self._domain_clip_reason: str | None = None
         self.stats = {"generated": 0, "cache_hits": 0, "calibrations": 0}
 
     # ------------------------------------------------------------------ models
@@ -383,6 +385,10 @@ class Engine:
                         "(colour, shape, size, position, background)"), {}
             detail = {k: v for k, v in s.items() if v is not None and not k.startswith("n")
                       and k not in ("count", "background", "all")}
+            clip = self._load_clip(domain=True)
+            if clip is not None:
+                with self._scorer_lock:
+                    detail["clip_score"] = round(float(clip.score([image], [prompt])), 4)
             return float(s["all"]), detail
         clip = self._load_clip()
         if clip is None:
@@ -400,8 +406,17 @@ class Engine:
                     self._evaluator_reason = reason
             return self._evaluator
 
-    def _load_clip(self):
+    def _load_clip(self, domain: bool = False):
+        """The CLIP scorer of SD models, or (`domain`) the domain CLIP of shapes-domain models."""
         with self._scorer_lock:
+            if domain:
+                if self._domain_clip is None and self._domain_clip_reason is None:
+                    from dgq.eval.scoring import load_domain_clip_scorer  # noqa: PLC0415 - loaded on first use
+
+                    self._domain_clip, self._domain_clip_reason = load_domain_clip_scorer()
+                    if self._domain_clip is not None:
+                        self._domain_clip_reason = None
+                return self._domain_clip
             if self._clip is None and self._clip_reason is None:
                 from dgq.eval.scoring import load_clip  # noqa: PLC0415 - loaded on first use
 

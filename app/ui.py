@@ -168,7 +168,8 @@ def build_demo(engine: Engine | None = None, preload: bool | None = None, cache_
 
             with gr.Tab("Attention", id="attention"):
                 gr.Markdown("Cross-attention of each token, averaged over heads and layers, over each variant's "
-                            "image; ★ marks `<start>`, which takes most of the mass and lights up the background.")
+                            "image; ★ marks `<start>`. The share of the mass each token takes is measured on the images "
+                            "shown, below.")
                 with gr.Row():
                     att_res = gr.Dropdown([("all (upsampled)", C.ALL)], value=C.ALL, label="Resolution",
                                           elem_id="att-res")

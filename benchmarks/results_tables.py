@@ -40,13 +40,27 @@ def row(s: dict) -> str:
             f"{ssim} | {_bops(m['bops'])} | {m['size_mb']:.2f} | {m['latency_s']:.3f} |")
 
 
-def tables(results: dict) -> str:
+#: `BARS=1 paper_tables.sh`: the Table 2 rows of the quantization bars and Table 3(c) at A6
+BARS_TABLE2 = ["fp"] + [f"{m}:{wa}" for wa in ("W8A8", "W8A6", "W4A6") for m in ("qdiff", "tfmq", "dgq")]
+BARS_TABLE3 = ["dgq:W8A6:K16", "dgq:W8A6:K16:nolog:nostart:static", "dgq:W4A6:K16",
+               "dgq:W4A6:K16:nolog:nostart:static"]
+
+
+def tables(results: dict, layout: str = "full") -> str:
+    """The document's tables: `layout` "full" (the 31-setting run) or "bars" (`BARS=1`)."""
     by = {s["setting"]: s for s in results["settings"]}
-    order2 = ["fp"]
-    for wa in ("W8A8", "W8A6", "W4A8", "W4A6", "W4A4"):
-        order2 += [f"qdiff:{wa}", f"tfmq:{wa}", f"dgq:{wa}:K8", f"dgq:{wa}:K16"]
-    order2 += ["tfmq:W8A4", "dgq:W8A4:K16"]
-    missing = [k for k in order2 + TABLE3 if k not in by]
+    if layout == "bars":
+        order2 = [k if k.startswith(("fp", "qdiff", "tfmq")) else k + ":K16" for k in BARS_TABLE2]
+        table3 = BARS_TABLE3
+    elif layout == "full":
+        order2 = ["fp"]
+        for wa in ("W8A8", "W8A6", "W4A8", "W4A6", "W4A4"):
+            order2 += [f"qdiff:{wa}", f"tfmq:{wa}", f"dgq:{wa}:K8", f"dgq:{wa}:K16"]
+        order2 += ["tfmq:W8A4", "dgq:W8A4:K16"]
+        table3 = TABLE3
+    else:
+        raise ValueError(f"layout must be 'full' or 'bars', not {layout!r}")
+    missing = [k for k in order2 + table3 if k not in by]
     if missing:
         raise SystemExit(f"results lack the settings {missing}: run benchmarks/paper_tables.sh to the end")
     fp = by["fp"]["metrics"]["align"]
@@ -54,18 +68,19 @@ def tables(results: dict) -> str:
              f"{fp['single_shape']:.3f} / {fp['single_position']:.3f}, pair colours {fp['pair_colors']:.3f} "
              f"({fp['n_single']} single-object and {fp['n_pair']} two-object prompts)",
              "", "## Table 2 structure", "", HEADER] + [row(by[k]) for k in order2]
-    lines += ["", "## Table 3 ablations", "", HEADER] + [row(by[k]) for k in TABLE3]
+    lines += ["", "## Table 3 ablations", "", HEADER] + [row(by[k]) for k in table3]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, help="results.json of a paper_tables.sh run")
+    ap.add_argument("--layout", choices=["full", "bars"], default="bars", help="bars: a BARS=1 run")
     a = ap.parse_args(argv)
     results = json.loads(a.results.read_text())
     if not results.get("complete"):
         print("warning: the run is not complete; rows may be missing", file=sys.stderr)
-    print(tables(results))
+    print(tables(results, a.layout))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def cache_dir() -> Path:
 
 ASSETS = assets_dir()
 TINY_DIR = ASSETS / "tiny-sd"  # the embedded model (a diffusers pipeline folder)
+TINY_CLIP_DIR = ASSETS / "tiny-clip"  # its domain CLIP (image tower; the text tower is TINY_DIR/text_encoder)
 SHIPPED_CALIBRATION = ASSETS / "tiny-sd-calibration" / "calibration"  # its calibration (.json + .safetensors)
 SHIPPED_WEIGHT_RANGES = ASSETS / "tiny-sd-calibration" / "weight_ranges.safetensors"
 EVALUATOR_DIR = ASSETS / "evaluator"  # the embedded model's shapes evaluator

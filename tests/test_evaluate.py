@@ -131,7 +131,7 @@ def test_presets_and_overrides(tmp_path):
     o = resolve_options(p.parse_args(["eval", "--out", str(tmp_path), "--preset", "parti", "--clip-limit", "30"]))
     assert (o.images_per_prompt, o.clip_limit, o.metric_size) == (3, 30, 0)
     assert selected_metrics(o.metrics, embedded=False) == ["clip", "psnr", "ssim"]
-    assert selected_metrics("auto", embedded=True) == ["align", "domain-fid", "psnr", "ssim"]
+    assert selected_metrics("auto", embedded=True) == ["align", "domain-fid", "clip", "psnr", "ssim"]
     assert selected_metrics("auto", embedded=False) == ["clip", "fid", "psnr", "ssim"]
 
 

@@ -15,13 +15,15 @@ RESULTS = ROOT / "docs" / "results" / "results.json"
 
 def test_the_committed_tables_are_the_committed_results():
     """Every table row of docs/results.md is what the script prints from docs/results/results.json."""
-    printed = [ln for ln in RT.tables(json.loads(RESULTS.read_text())).splitlines() if ln.startswith("| ")]
+    printed = [ln for ln in RT.tables(json.loads(RESULTS.read_text()), "bars").splitlines() if ln.startswith("| ")]
     doc = [ln for ln in (ROOT / "docs" / "results.md").read_text().splitlines() if ln.startswith("| ")]
     assert printed == doc
 
 
 def test_a_missing_setting_is_an_error_naming_it():
     results = json.loads(RESULTS.read_text())
-    results["settings"] = [s for s in results["settings"] if s["setting"] != "dgq:W4A6:K2"]
-    with pytest.raises(SystemExit, match="dgq:W4A6:K2"):
-        RT.tables(results)
+    results["settings"] = [s for s in results["settings"] if s["setting"] != "dgq:W4A6:K16:nolog:nostart:static"]
+    with pytest.raises(SystemExit, match="dgq:W4A6:K16:nolog:nostart:static"):
+        RT.tables(results, "bars")
+    with pytest.raises(ValueError, match="layout"):
+        RT.tables(results, "other")

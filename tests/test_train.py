@@ -164,3 +164,32 @@ def test_bad_training_options_are_clear_errors(latents, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
         T.train_size("s", latents, T.DEFAULT_BASE, tmp_path, seconds=0.1, batch=2, lr=0.0, device="cpu",
                      seed=0, save_every=1e9, eval_n=0, **kw)
+
+
+def test_frozen_text_tower_and_training_captions(latents, tmp_path):
+    """--text-encoder conditions on a tower that never changes; --captions train draws SD-like captions."""
+    from transformers import CLIPTextModel
+
+    from dgq.tiny.models import make_text_encoder
+    from dgq.tiny.tokenizer import build_clip_tokenizer
+
+    tower = tmp_path / "tower"
+    torch.manual_seed(3)
+    make_text_encoder("s").save_pretrained(str(tower), safe_serialization=True)
+    out = tmp_path / "frozen"
+    out.mkdir()
+    T.train_size("s", latents, T.DEFAULT_BASE, out, seconds=2.0, batch=4, lr=1e-2, device="cpu", seed=0,
+                 save_every=1e9, eval_n=0, text_encoder=tower, captions="train", background_p=0.0)
+    meta = _meta(out / "s.safetensors")
+    assert meta["step"] > 0 and "(frozen)" in meta["text_encoder"] and "background_p 0.0" in meta["captions"]
+    want = CLIPTextModel.from_pretrained(str(tower)).state_dict()
+    with safe_open(str(out / "s.safetensors"), "pt") as f:
+        for k, v in want.items():
+            assert torch.equal(f.get_tensor(f"text.{k}").float(), v.half().float()), k
+    ids = T._caption_variants(6, build_clip_tokenizer(), 0.5, 0.0, seed=0)
+    assert ids.shape == (6, 4, 77)
+    text = build_clip_tokenizer().batch_decode(ids.view(-1, 77).long(), skip_special_tokens=True)
+    assert not any("background" in t for t in text)
+    with pytest.raises(ValueError, match="captions must be"):
+        T.train_size("s", latents, T.DEFAULT_BASE, out, seconds=0.1, batch=2, lr=0.0, device="cpu", seed=0,
+                     save_every=1e9, eval_n=0, captions="free")

@@ -306,7 +306,8 @@ def _score(out: Path, settings: list[Setting], plan: Plan, info: dict[str, Any],
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     device = info.get("device_type", "cpu") if opts.device is None else opts.device
-    scorers = Scorers(opts, device="cuda" if str(device).startswith("cuda") else "cpu")
+    scorers = Scorers(opts, device="cuda" if str(device).startswith("cuda") else "cpu",
+                      embedded=_is_embedded(info.get("model_arg") or info["model"]))
     fp_setting = next((s for s in settings if s.is_fp), None)
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}

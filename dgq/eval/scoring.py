@@ -54,11 +54,23 @@ def load_clip(model: str, pretrained: str | None, weights: str | None = None, de
                                weights_path=None if random_init else weights, device=device)
 
 
+def load_domain_clip_scorer(path: str | None = None, device: str = "cpu") -> tuple[Any | None, str]:
+    """(the domain CLIP scorer, its description) or (None, "unavailable: why"): the CLIP score of
+    shapes-domain models (`dgq.tiny.clip`), scored by the same `similarities` call as SD's."""
+    from dgq.tiny.clip import DomainClipScorer  # noqa: PLC0415
+
+    try:
+        scorer = DomainClipScorer(path, device)
+    except (FileNotFoundError, ValueError, OSError, KeyError) as e:
+        return None, f"{UNAVAILABLE}the domain CLIP could not be loaded ({e})"
+    return scorer, f"loaded {scorer.description}"
+
+
 class Scorers:
     """Scoring networks, each loaded once on first use; a failed load is remembered as its reason."""
 
-    def __init__(self, opts: Options, device: str = "cpu") -> None:
-        self.opts, self.device = opts, device
+    def __init__(self, opts: Options, device: str = "cpu", embedded: bool = False) -> None:
+        self.opts, self.device, self.embedded = opts, device, embedded
         self._cache: dict[str, Any] = {}
         self.notes: dict[str, str] = {}
 
@@ -79,6 +91,12 @@ class Scorers:
     def clip(self):
         def build():
             o = self.opts
+            if self.embedded and not o.clip_random_init and o.clip_weights is None:
+                scorer, msg = load_domain_clip_scorer(device=self.device)
+                if scorer is None:
+                    return msg
+                self.notes["clip"] = msg
+                return scorer
             if not o.clip_random_init and o.clip_pretrained is None and o.clip_weights is None:
                 return f"{UNAVAILABLE}no CLIP weights: pass --clip-weights FILE or a --clip-pretrained tag"
             scorer, msg = load_clip(o.clip_model, o.clip_pretrained, o.clip_weights, self.device, o.clip_random_init)

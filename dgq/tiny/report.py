@@ -5,7 +5,11 @@
 Prompts come from renderer seeds ≥ 90,000,000, which neither training (seeds < 10^7 and the
 autoencoder's 10^7–4·10^7), the evaluator (5·10^7–7·10^7) nor calibration (7·10^7) use.
 Image i uses seed i; full precision, 25 PNDM steps, the model's guidance scale (`--guidance` to
-choose another: the issue's bar names 7.5, so the report is run at both).
+choose another). `--paraphrased` generates from paraphrases of the same scenes
+(`dgq.tiny.captions.paraphrased_prompts`: other words for sizes, colours, positions, backgrounds)
+and scores each image against its scene's template caption, the grammar the evaluator reads.
+
+    python -m dgq.tiny.report --n 240 --paraphrased --out docs/tiny-quality-paraphrased.json --grid ""
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own)")
     p.add_argument("--out", default="docs/tiny-quality.json")
     p.add_argument("--grid", default="docs/img/tiny-fp-grid.png")
+    p.add_argument("--paraphrased", action="store_true", help="prompts in words the template never writes")
+    p.add_argument("--first-seed", type=int, default=HELD_OUT_SEED, help="renderer seed of the first prompt")
     a = p.parse_args(argv)
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -84,16 +90,24 @@ def main(argv: list[str] | None = None) -> None:
     a.guidance = dgq.default_guidance(pipe) if a.guidance is None else a.guidance
     studio = dgq.Studio(pipe)
     ev = load_evaluator()
-    prompts = held_out_prompts(a.n)
+    if a.paraphrased:
+        from dgq.tiny.captions import paraphrased_prompts  # noqa: PLC0415
+
+        prompts, targets = paraphrased_prompts(a.first_seed, a.n)
+    else:
+        from dgq.tiny.render import sample  # noqa: PLC0415
+
+        prompts = targets = [sample(a.first_seed + i)[1] for i in range(a.n)]
     images = []
     t0 = time.time()
     for i in tqdm(range(0, len(prompts), a.batch), desc="held-out prompts", unit="batch"):
         chunk = prompts[i : i + a.batch]
         g = studio.generate(chunk, seed=list(range(i, i + len(chunk))), steps=a.steps, guidance=a.guidance)
         images += g.images
-    score = ev.score(images, prompts)
+    score = ev.score(images, targets)
     report = {"model": a.model, "n_prompts": len(prompts), "steps": a.steps, "guidance": a.guidance,
-              "seconds": round(time.time() - t0, 1), "prompt_seeds": f"render.sample({HELD_OUT_SEED} + i)",
+              "seconds": round(time.time() - t0, 1), "prompt_seeds": f"render.sample({a.first_seed} + i)",
+              "paraphrased": a.paraphrased, "first_prompts": prompts[:5],
               "image_seeds": "i", "scores": score}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out + ".tmp")

@@ -108,7 +108,7 @@ def make_latents(base: Path, n: int, out: Path, device: str, procs: int, chunk: 
 _RUN_KEYS = ("samples", "seconds", "lr", "batch", "n_latents")
 # recorded when the saved weights have them (older saves do not): how the run trained
 _RUN_OPTIONAL = ("device", "uncond", "p_uncond", "distill_below", "guided", "guided_below", "guided_full",
-                 "guided_weight", "teacher", "t_sampling", "t_max")
+                 "guided_weight", "teacher", "t_sampling", "t_max", "text_encoder", "captions")
 
 
 def _run_record(meta: dict) -> dict:
@@ -151,6 +151,21 @@ def load_weights(path: Path) -> tuple[dict, dict, str, list[dict]]:
     return unet_sd, text_sd, prior["size"], prior.get("history", []) + [_run_record(prior)]
 
 
+def _caption_variants(n: int, tok, paraphrase_p: float, background_p: float, seed: int, k: int = 4) -> torch.Tensor:
+    """Token ids [n, k, 77] of `k` training captions for each of the latents of seeds 0 … n − 1."""
+    import random  # noqa: PLC0415
+
+    from dgq.tiny.captions import scene_of, training_caption  # noqa: PLC0415
+
+    rng = random.Random(seed)
+    caps = []
+    for s in range(n):
+        scene = scene_of(s)
+        caps += [training_caption(scene, rng, paraphrase_p, background_p) for _ in range(k)]
+    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return ids.view(n, k, 77).int()
+
+
 def _read_save(path: Path) -> tuple[dict, dict, dict]:
     """A trainer save's JSON metadata and its UNet / text-encoder state dicts (fp32)."""
     with safe_open(str(path), "pt") as f:
@@ -187,7 +202,9 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                uncond: str = "dropout", distill_below: int = 0, t_sampling: str = "mixed",
                eval_seed: int | None = None, t_max: int | None = None,
                guided: tuple[float, float] | None = None, guided_below: int = 700, warmup: int = 300,
-               guided_full: float | None = None, teacher: Path | None = None, guided_weight: float = 0.0) -> None:
+               guided_full: float | None = None, teacher: Path | None = None, guided_weight: float = 0.0,
+               text_encoder: Path | None = None, captions: str = "template", paraphrase_p: float = 0.5,
+               background_p: float = 1.0, threads: int | None = None) -> None:
     """Train one size for `seconds` of wall-clock time; write `out/<size>.safetensors` as it goes.
 
     `uncond` chooses how the unconditional branch (the one classifier-free guidance subtracts)
@@ -235,7 +252,18 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     seed of the first quick-score prompt (default: the report's held-out prompts; pass the
     tuning seeds, 80,000,000, when the scores are used to choose between runs). `t_max`: draw
     timesteps below it only, for a fine-tune aimed at the less noisy steps (with "uniform").
+
+    `text_encoder` (a `CLIPTextModel` folder, e.g. the domain CLIP's text tower): the UNet is
+    conditioned on its last hidden state and the tower stays **frozen**, as SD's CLIP text
+    encoder did; only the UNet trains. `captions`: "template" uses the captions stored with the
+    latents; "train" draws each sample's caption from `dgq.tiny.captions.training_caption` (four
+    variants per latent, paraphrases with probability `paraphrase_p`, the background named with
+    probability `background_p`), from the seed the latent was rendered from.
     """
+    if captions not in ("template", "train"):
+        raise ValueError(f"captions must be 'template' or 'train', not {captions!r}")
+    if threads:
+        torch.set_num_threads(threads)
     if uncond not in ("dropout", "paired"):
         raise ValueError(f"uncond must be 'dropout' or 'paired', not {uncond!r}")
     if t_sampling not in ("mixed", "uniform"):
@@ -283,6 +311,16 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
         unet.load_state_dict(unet_sd)
         text.load_state_dict(text_sd)
         log.info("[%s] initialised from %s (%d samples)", size, init, sum(h["samples"] for h in history))
+    frozen_text = text_encoder is not None
+    if frozen_text:
+        from transformers import CLIPTextModel  # noqa: PLC0415
+
+        text = CLIPTextModel.from_pretrained(str(text_encoder), dtype=torch.float32)
+        text.requires_grad_(False).eval()
+        log.info("[%s] conditioned on the frozen text tower %s", size, text_encoder)
+    variants = None
+    if captions == "train":
+        variants = _caption_variants(n, tok, paraphrase_p, background_p, seed).to(device)
     teacher_nets = None
     if teacher is not None:
         t_unet_sd, t_text_sd, t_size, _ = load_weights(teacher)
@@ -291,11 +329,11 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
         t_text.load_state_dict(t_text_sd)
         teacher_nets = (t_unet.to(device).eval().requires_grad_(False), t_text.to(device).eval().requires_grad_(False))
     unet, text = unet.to(device), text.to(device)
-    params = list(unet.parameters()) + list(text.parameters())
+    params = list(unet.parameters()) + ([] if frozen_text else list(text.parameters()))
     fused = {"fused": True} if device == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **fused)
     unet_ema, text_ema = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    ema = list(unet_ema.parameters()) + list(text_ema.parameters())
+    ema = list(unet_ema.parameters()) + ([] if frozen_text else list(text_ema.parameters()))
     alphas = make_scheduler("ddpm").alphas_cumprod.to(device)
     n_t = len(alphas)
     gen = torch.Generator(device).manual_seed(seed)
@@ -326,7 +364,10 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
                 "guided_below": guided_below if guided else None,
                 "guided_full": guided_full if guided and guided_full is not None else None,
                 "teacher": str(teacher) if teacher is not None else None,
-                "guided_weight": guided_weight or None}
+                "guided_weight": guided_weight or None,
+                "text_encoder": f"{text_encoder} (frozen)" if frozen_text else None,
+                "captions": captions if captions == "template" else
+                f"train (paraphrase_p {paraphrase_p}, background_p {background_p})"}
         keys = ("single_color", "single_shape", "single_position", "pair_colors", "background")
         point: dict = {"samples": samples, "seconds": round(el)}
         for g in eval_guidance if eval_n else ():
@@ -343,7 +384,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
             _save_ema(unet_ema, text_ema, out / f"{size}-{samples // 1000}k.safetensors", meta)
 
     unet.train()
-    text.train()
+    if not frozen_text:
+        text.train()
     half = batch // 2
     while True:
         el = time.time() - t0
@@ -356,7 +398,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
             g["lr"] = cur
         idx = torch.randint(0, n, (batch,), device=device, generator=gen)
         x0 = latents[idx].float()
-        ids = input_ids[idx]
+        ids = input_ids[idx] if variants is None else \
+            variants[idx, torch.randint(0, variants.shape[1], (batch,), device=device, generator=gen)]
         if uncond == "dropout":  # drawn before t, as it always was: old seeds give the same batches
             drop = torch.rand(batch, device=device, generator=gen) < p_uncond
             ids = torch.where(drop[:, None], empty, ids)
@@ -371,7 +414,9 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
         v = a.sqrt() * noise - (1 - a).sqrt() * x0
         if uncond == "dropout":
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
+                with torch.set_grad_enabled(not frozen_text):
+                    ctx = text(ids)[0]
+                pred = unet(xt, t, encoder_hidden_states=ctx).sample
             loss = F.mse_loss(pred.float(), v)
         else:
             both = torch.cat([ids, empty.expand(batch, -1)])
@@ -513,6 +558,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--ema-decay", type=float, default=0.9995)
     t.add_argument("--eval-seed", type=int, default=None,
                    help="renderer seed of the first quick-score prompt (default: the held-out prompts)")
+    t.add_argument("--text-encoder", default=None,
+                   help="CLIPTextModel folder to condition on, frozen (e.g. the domain CLIP's text tower)")
+    t.add_argument("--captions", choices=["template", "train"], default="template",
+                   help="template: the latents file's captions; train: dgq.tiny.captions.training_caption")
+    t.add_argument("--paraphrase-p", type=float, default=0.5, help="--captions train: share of paraphrases")
+    t.add_argument("--background-p", type=float, default=1.0, help="--captions train: share naming the background")
+    t.add_argument("--threads", type=int, default=None, help="torch threads of each worker")
     t.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     la = sub.add_parser("latents", help="only render + encode the latents file (shared by several runs)")
     la.add_argument("--n", type=int, default=1_000_000)
@@ -558,7 +610,9 @@ def main(argv: list[str] | None = None) -> None:
                    init=Path(a.init) if a.init else None, p_uncond=a.p_uncond, uncond=a.uncond,
                    distill_below=a.distill_below, t_sampling=a.t_sampling, ema_decay=a.ema_decay,
                    eval_seed=a.eval_seed, t_max=a.t_max, guided_below=a.guided_below, warmup=a.warmup,
-                   guided=guided, guided_full=a.guided_full, guided_weight=a.guided_weight, teacher=Path(a.teacher) if a.teacher else None)
+                   guided=guided, guided_full=a.guided_full, guided_weight=a.guided_weight, teacher=Path(a.teacher) if a.teacher else None,
+                   text_encoder=Path(a.text_encoder) if a.text_encoder else None, captions=a.captions,
+                   paraphrase_p=a.paraphrase_p, background_p=a.background_p, threads=a.threads)
         return
     if a.init and len(sizes) != 1:
         p.error("--init continues one size: give exactly one in --sizes")
@@ -579,7 +633,10 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--guided-full", str(a.guided_full)] if a.guided_full is not None else []
         cmd += ["--teacher", a.teacher] if a.teacher else []
         cmd += ["--guided-weight", str(a.guided_weight)] if a.guided_weight else []
-        cmd += ["--warmup", str(a.warmup)]
+        cmd += ["--warmup", str(a.warmup), "--captions", a.captions, "--paraphrase-p", str(a.paraphrase_p),
+                "--background-p", str(a.background_p)]
+        cmd += ["--text-encoder", a.text_encoder] if a.text_encoder else []
+        cmd += ["--threads", str(a.threads)] if a.threads else []
         cmd += ["--init", a.init] if a.init else []
         procs.append((s, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})))
     failed = [(s, pr.wait()) for s, pr in procs]

@@ -1,0 +1,35 @@
+"""benchmarks/start_sink.py: the cross-attention shares add up and the pixel masks come from the image."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from benchmarks import start_sink as S
+
+
+def test_masks_split_background_and_object_pixels():
+    img = np.full((64, 64, 3), 128, np.uint8)
+    img[16:48, 16:48] = (255, 0, 0)
+    bg, obj = S._masks(Image.fromarray(img), 16)
+    assert bg[0, 0] and not bg[8, 8] and obj[8, 8] and not obj[0, 0]
+    assert not (bg & obj).any()
+
+
+def test_measure_shares_sum_to_one_on_a_random_pipeline():
+    from dgq.tiny.models import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    r = S.measure(pipe, ["a small red circle on the left"], steps=2, guidance=2.0)
+    assert abs(r["start"] + r["words"] + r["eos"] + r["padding"] - 1.0) < 1e-3
+    assert 0 <= r["p_above_0.9_on_start"] <= 1
+    states = S.text_states(pipe, ["a small red circle on the left"])
+    assert states["start_norm"] > 0
+    table = S.table_markdown({"m": {**r, "guidance": 2.0, "text_states": states}})
+    assert table.count("\n") == 2 and "| m (2) |" in table
+
+
+def test_prompts_name_or_drop_the_background():
+    named, unnamed = S._prompts(20, "named"), S._prompts(20, "unnamed")
+    assert all(p.endswith(" background") for p in named)
+    assert not any("background" in p for p in unnamed)
