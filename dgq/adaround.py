@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from dgq.fingerprint import file_sha256
+from dgq import stored
 from dgq.paths import ASSETS
 
 log = logging.getLogger(__name__)
@@ -167,8 +163,7 @@ def settings_key(settings: ReconSettings, guidance: float, prompts_sha: str, wei
 
 
 # ----------------------------------------------------------------------------- stored result
-class RoundingMismatch(RuntimeError):
-    """A stored rounding that must not be used (missing, stale, for other weights or corrupted)."""
+RoundingMismatch = stored.StoredMismatch  # a stored rounding that must not be used
 
 
 @dataclass
@@ -190,55 +185,27 @@ class Rounding:
 
     def save(self, path: str | Path) -> Path:
         """Write `<path>.safetensors` and `<path>.json` (metadata + sha256), each atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
         tensors: dict[str, torch.Tensor] = {}
         shapes: dict[str, list[int]] = {}
         for name, (mask, s, z) in self.layers.items():
             tensors[f"{name}{_SEP}mask"] = pack_mask(mask)
-            tensors[f"{name}{_SEP}s"] = s.detach().float().cpu().contiguous()
-            tensors[f"{name}{_SEP}z"] = z.detach().float().cpu().contiguous()
+            tensors[f"{name}{_SEP}s"] = s.detach().float()
+            tensors[f"{name}{_SEP}z"] = z.detach().float()
             shapes[name] = list(mask.shape)
-        tag = f".{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp, tmp_js = st.with_name(st.name + tag), js.with_name(js.name + tag)
-        save_file(tensors, str(tmp))
-        meta = dict(self.meta, format_version=FORMAT_VERSION, bits=self.bits, search=self.search, shapes=shapes,
-                    sha256=file_sha256(tmp))
-        tmp_js.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, st)
-        os.replace(tmp_js, js)
-        return st
+        meta = dict(self.meta, bits=self.bits, search=self.search, shapes=shapes)
+        return stored.write_pair(path, tensors, meta, FORMAT_VERSION)
 
     @classmethod
     def read_meta(cls, path: str | Path, expect: dict[str, Any] | None = None) -> dict[str, Any]:
         """The JSON sidecar, checked against `expect` and the format (no tensor is read)."""
-        path = Path(path)
-        st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
-        if not st.is_file() or not js.is_file():
-            raise RoundingMismatch(f"no rounding at {path}")
-        try:
-            meta = json.loads(js.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RoundingMismatch(f"unreadable rounding metadata {js}: {e}") from e
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            raise RoundingMismatch(f"rounding at {js} has format {meta.get('format_version') if isinstance(meta, dict) else None}, "
-                                   f"not {FORMAT_VERSION}")
-        for k, v in (expect or {}).items():
-            if meta.get(k) != v:
-                raise RoundingMismatch(f"rounding at {js} was made for {k}={meta.get(k)!r}, not {v!r}")
-        return meta
+        return stored.read_meta(path, FORMAT_VERSION, expect, "rounding")
 
     @classmethod
     def load(cls, path: str | Path, expect: dict[str, Any] | None = None) -> Rounding:
         """Load and verify (format, `expect`ed keys, checksum, shapes); raises `RoundingMismatch`."""
-        path = Path(path)
         meta = cls.read_meta(path, expect)
-        st = path.with_suffix(".safetensors")
-        if file_sha256(st) != meta.get("sha256"):
-            raise RoundingMismatch(f"checksum mismatch: {st} is corrupted")
+        tensors = stored.read_tensors(path, meta, "rounding")
         try:
-            tensors = load_file(str(st))
             layers = {}
             for name, shape in meta["shapes"].items():
                 mask = unpack_mask(tensors[f"{name}{_SEP}mask"], tuple(shape))
@@ -246,8 +213,8 @@ class Rounding:
                 if s.shape != (shape[0],) or z.shape != (shape[0],):
                     raise ValueError(f"layer {name}: scale shape {tuple(s.shape)} for {shape[0]} channels")
                 layers[name] = (mask, s, z)
-        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
-            raise RoundingMismatch(f"unreadable rounding tensors {st}: {e}") from e
+        except (KeyError, ValueError, TypeError) as e:
+            raise RoundingMismatch(f"unreadable rounding tensors {Path(path).with_suffix('.safetensors')}: {e}") from e
         return cls(int(meta["bits"]), str(meta["search"]), layers, meta)
 
     def check_layers(self, layers: dict) -> None:

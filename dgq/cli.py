@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, choices=["fp", "qdiff", "tfmq", "dgq"])
+    p.add_argument("--method", required=True, choices=["fp", "qdiff", "tfmq", "dgq", "qdiff-paper", "tfmq-paper"])
     p.add_argument("--w-bits", type=int, default=8, help="weight bits 2..8 (default 8; ignored for fp)")
     p.add_argument("--a-bits", type=int, default=8, help="activation bits 4..8, 16 = off (default 8; ignored for fp)")
     p.add_argument("--groups", type=int, default=16, help="DGQ groups K in {1,2,4,8,16} (default 16)")
@@ -175,13 +175,52 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if a.method not in ("weights", "qdiff-paper"):
+        raise CliError(f"reconstruct: --method {a.method!r}; allowed: weights, qdiff-paper")
+    a_bits = _bit_list(a.a_bits, "--a-bits", 4) if a.method == "qdiff-paper" else []
+    if a.method == "qdiff-paper" and not a_bits:
+        raise CliError("reconstruct: --method qdiff-paper needs --a-bits (e.g. 6 or 6,8)")
     done = reconstruct_cached(pipe, bits, settings, prompts, weight_search=a.weight_search, folder=a.out_dir,
-                              force=a.force, report=say, threads=a.threads)
-    print(json.dumps([{"w_bits": r.bits, "path": str(path), "learned_now": built, "seconds": r.meta.get("seconds"),
-                       "units": len(r.meta.get("units", [])),
-                       "units_lower_mse": sum(not u["kept_nearest"] for u in r.meta.get("units", []))}
-                      for r, path, built in done]))
+                              force=a.force and a.method == "weights", report=say, threads=a.threads)
+    rows = [{"w_bits": r.bits, "path": str(path), "learned_now": built, "seconds": r.meta.get("seconds"),
+             "units": len(r.meta.get("units", [])),
+             "units_lower_mse": sum(not u["kept_nearest"] for u in r.meta.get("units", []))}
+            for r, path, built in done]
+    if a_bits:  # Q-Diffusion's step sizes, learned on top of the AdaRound weights just made or loaded
+        from dgq import act_recon  # noqa: PLC0415
+        from dgq.studio import Studio, calibrate  # noqa: PLC0415
+
+        act = {k: getattr(a, f"act_{k}") for k in ("iters", "lr") if getattr(a, f"act_{k}") is not None}
+        try:
+            act_settings = act_recon.ActReconSettings(**act, **{k: v for k, v in given.items()
+                                                                if k in ("batch_size", "samples", "steps", "guidance",
+                                                                         "seed") and v is not None})
+        except ValueError as e:
+            raise CliError(f"reconstruct: {e}") from e
+        studio = Studio(pipe, calibrate(pipe))
+        data = None  # one sampling run shared by every (W, A) that needs learning
+        for w in bits:
+            for ab in a_bits:
+                if data is None and (a.force or act_recon.find(studio, w, ab, act_settings) is None):
+                    data = act_recon.sample(studio, act_settings, report=say, threads=a.threads)
+                r, path, built = act_recon.learn_cached(studio, w, ab, act_settings, folder=a.act_out_dir,
+                                                        force=a.force, report=say, threads=a.threads, data=data)
+                units = r.meta.get("units", [])
+                rows.append({"w_bits": w, "a_bits": ab, "method": "qdiff-paper", "path": str(path), "learned_now": built,
+                             "seconds": r.meta.get("seconds"), "units": len(units),
+                             "units_lower_mse": sum(not u["kept_initial"] for u in units)})
+    print(json.dumps(rows))
     return 0
+
+
+def _bit_list(text: str | None, flag: str, lo: int) -> list[int]:
+    try:
+        bits = [int(b) for b in (text or "").split(",") if b.strip()]
+    except ValueError as e:
+        raise CliError(f"reconstruct: {flag} {text!r} is not a comma-separated list of integers") from e
+    if any(not lo <= b <= 8 for b in bits):
+        raise CliError(f"reconstruct: {flag} {text!r}; allowed: {lo}..8")
+    return bits
 
 
 def cmd_bops(a: argparse.Namespace) -> int:
@@ -241,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="learn again even if a valid stored rounding exists")
     r.add_argument("--threads", type=int, default=1, help="torch threads while it runs (default 1: the blocks' "
                    "tensors are small, so more threads mostly add hand-off costs)")
+    r.add_argument("--method", default="weights", help="weights (AdaRound only, default) or qdiff-paper: also learn "
+                   "Q-Diffusion's activation step sizes (LSQ) at --a-bits on top of the AdaRound weights")
+    r.add_argument("--a-bits", default=None, help="with --method qdiff-paper: activation bits, e.g. 6 or 6,8")
+    r.add_argument("--act-iters", type=int, default=None, help="Adam steps per block for the step sizes (default 100; "
+                   "Q-Diffusion: 5000)")
+    r.add_argument("--act-lr", type=float, default=None, help="Adam learning rate on the step sizes (default 4e-4)")
+    r.add_argument("--act-out-dir", default=None, help="where to store the step sizes (default: $DGQ_CACHE/act-recon)")
     r.set_defaults(func=cmd_reconstruct)
 
     g = sub.add_parser("generate", help="generate images with one method")

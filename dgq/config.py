@@ -33,6 +33,20 @@ class BaselineStyle(str, Enum):
 
     QDIFF = "qdiff"  # per-tensor, one MSE-calibrated set for all timesteps
     TFMQ = "tfmq"  # per-tensor, one min/max set per timestep
+    # as their papers run them (dgq.act_recon, dgq.split): AdaRound weights, the up-blocks'
+    # shortcut concatenation split in two ranges; Q-Diffusion's step sizes learned (LSQ)
+    QDIFF_PAPER = "qdiff-paper"
+    TFMQ_PAPER = "tfmq-paper"
+
+    @property
+    def paper(self) -> bool:
+        """The paper recipe (AdaRound weights, shortcut split, and for Q-Diffusion LSQ step sizes)."""
+        return self in (BaselineStyle.QDIFF_PAPER, BaselineStyle.TFMQ_PAPER)
+
+    @property
+    def one_range(self) -> bool:
+        """One activation range for all timesteps (Q-Diffusion) instead of one per timestep (TFMQ-DM)."""
+        return self in (BaselineStyle.QDIFF, BaselineStyle.QDIFF_PAPER)
 
 
 class ScaleScope(str, Enum):
@@ -95,7 +109,11 @@ class BaselineConfig:
         w_bits (`int`, defaults to 8): weight bits, per output channel, MSE-searched clipping.
         a_bits (`int`, defaults to 8): activation bits (also Q, K, V and probabilities).
         style (`str`, defaults to `"tfmq"`): `"tfmq"` = per-timestep min/max ranges,
-            `"qdiff"` = one MSE-calibrated range for all timesteps.
+            `"qdiff"` = one MSE-calibrated range for all timesteps; `"qdiff-paper"` /
+            `"tfmq-paper"` = the same methods as their papers run them: AdaRound weights (always:
+            `weight_rounding` is set to `"adaround"`), the up-blocks' shortcut concatenation
+            quantized with one range per half (`dgq.split`), and for Q-Diffusion the activation
+            step sizes learned by block reconstruction (LSQ, `dgq.act_recon`).
         execution (`str`, defaults to `"simulated"`): `"simulated"` = fake quantization in fp32;
             `"int8"` = integer GEMMs on the codes (`dgq.int8`; W <= 8, A = 8), same results up to
             fp32 rounding.
@@ -117,11 +135,15 @@ class BaselineConfig:
             object.__setattr__(self, "style", BaselineStyle(self.style))
         except ValueError:
             raise ValueError(f"style={self.style!r}; allowed: {[s.value for s in BaselineStyle]}") from None
+        if self.style.paper:  # the papers' recipe rounds weights with AdaRound, never to nearest
+            object.__setattr__(self, "weight_rounding", "adaround")
         _check_execution(self)
         _check_rounding(self)
 
     def label(self) -> str:
-        name = "Q-Diffusion" if self.style is BaselineStyle.QDIFF else "TFMQ-DM"
+        name = "Q-Diffusion" if self.style.one_range else "TFMQ-DM"
+        if self.style.paper:
+            return f"{name} (paper recipe) W{self.w_bits}A{self.a_bits}"
         return (f"{name} W{self.w_bits}A{self.a_bits}" + (" AdaRound" if self.weight_rounding == "adaround" else "")
                 + (" int8" if self.execution == "int8" else ""))
 
@@ -210,6 +232,8 @@ METHODS: dict[str, tuple[type, dict[str, Any]]] = {
     "fp": (FPConfig, {}),
     "qdiff": (BaselineConfig, {"style": BaselineStyle.QDIFF}),
     "tfmq": (BaselineConfig, {"style": BaselineStyle.TFMQ}),
+    "qdiff-paper": (BaselineConfig, {"style": BaselineStyle.QDIFF_PAPER}),
+    "tfmq-paper": (BaselineConfig, {"style": BaselineStyle.TFMQ_PAPER}),
     "dgq": (DGQConfig, {}),
 }
 _LEGACY_NAMES = {"baseline": "tfmq"}  # dicts written before the baselines had their own names

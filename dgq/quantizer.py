@@ -24,7 +24,7 @@ from dgq import kernels
 from dgq import primitives as P
 from dgq.calibration import ALL, Calibration
 from dgq.config import OFF, Axis, QuantConfig, ScaleScope
-from dgq.methods import ProbQuant, rules_for
+from dgq.methods import MethodInputs, ProbQuant, rules_for
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,11 @@ class QuantParams:
     """Parameters of one config over one calibration; safe to share between threads."""
 
     def __init__(self, calibration: Calibration, config: QuantConfig, tables: tuple | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", inputs: MethodInputs | None = None) -> None:
         """`tables` shares the built activation/probability parameters of a config that differs
         only in `w_bits` (they do not depend on it); `device` is where the model runs (parameters
-        are moved there once per site, already shaped for the layer's input)."""
+        are moved there once per site, already shaped for the layer's input); `inputs`: what
+        some methods need besides the calibration (split inputs, learned ranges)."""
         self.rules = rules_for(config)
         if self.rules.needs_calibration(config) and calibration is None:
             raise ValueError("quantized configs need a calibration: call dgq.calibrate(pipe, ...) first")
@@ -79,6 +80,7 @@ class QuantParams:
         self.w_bits = config.w_bits
         self.a_bits = config.a_bits
         self.device = torch.device(device)
+        self.inputs = inputs or MethodInputs()
         self._act: dict[tuple[str, int], ActQuant | None] = {}
         self._prob: dict[tuple[str, int], ProbQuant | None] = {}
         self._lock = threading.Lock()
@@ -136,6 +138,9 @@ class QuantParams:
         if site not in calib.sites:
             raise KeyError(f"site {site!r} was not seen during calibration; recalibrate this model")
         info, rules = calib.sites[site], self.rules
+        fixed = self._fixed(site, keys)
+        if fixed is not None:
+            return fixed
         if rules.static_mse_range(cfg):
             return {(site, t): self._build_act(site, t) for t in keys}
         start_fp = rules.start_fp(cfg, info)
@@ -166,6 +171,21 @@ class QuantParams:
             out.update(((site, t), q) for t, q in zip(ts, self._stacked(info, axis, s, z, labels, start_fp)))
         return out
 
+    def _fixed(self, site: str, keys: list[int]) -> dict[tuple[str, int], ActQuant | None] | None:
+        """The parameters the method sets itself for this site (`MethodRules.fixed_act`), if any."""
+        got = self.rules.fixed_act(self.config, self.calib, site, keys, self.a_bits, self.inputs)
+        if got is None:
+            return None
+        info = self.calib.sites[site]
+        out: dict[tuple[str, int], ActQuant | None] = {}
+        for mode in {m for m, *_ in got.values()}:
+            ts = [t for t in keys if got[t][0] == mode]
+            s = torch.stack([torch.as_tensor(got[t][1]).float() for t in ts])
+            z = torch.stack([torch.as_tensor(got[t][2]).float() for t in ts])
+            labels = torch.stack([got[t][3] for t in ts]) if got[ts[0]][3] is not None else None
+            out.update(((site, t), q) for t, q in zip(ts, self._stacked(info, mode, s, z, labels, False)))
+        return out
+
     def _stacked(self, info, mode: str, s: torch.Tensor, z: torch.Tensor, labels: torch.Tensor | None,
                  start_fp: bool) -> list[ActQuant]:
         """One `ActQuant` per row of stacked [T, N] (or [T]) scales, with the applied form
@@ -190,6 +210,9 @@ class QuantParams:
         if site not in calib.sites:
             raise KeyError(f"site {site!r} was not seen during calibration; recalibrate this model")
         info, rules = calib.sites[site], self.rules
+        fixed = self._fixed(site, [t_key])
+        if fixed is not None:
+            return fixed[(site, t_key)]
         start_fp = rules.start_fp(cfg, info)
         sfx = "_x0" if start_fp else ""
         if rules.static_mse_range(cfg):

@@ -25,15 +25,17 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from dgq.calibration import Calibration, CalibrationMismatch, StatsCollector, prompts_hash
-from dgq.config import FP, FPConfig, QuantConfig
+from dgq.config import FP, BaselineStyle, FPConfig, QuantConfig
 from dgq.context import Perturbation, RunContext, pending_recorder, use
 from dgq.fingerprint import weights_fingerprint
 from dgq.loading import SD_GUIDANCE, default_guidance, is_embedded
+from dgq.methods import MethodInputs, rules_for
 from dgq.modules import quantize_, quantized_layers
 from dgq.paths import SD_PROMPTS_FILE, SHIPPED_CALIBRATION, SHIPPED_WEIGHT_RANGES, cache_dir
 from dgq.prompts import read_prompts
 from dgq.quantizer import QuantParams
 from dgq.recorder import Recorder, token_names
+from dgq.split import split_points
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +264,8 @@ class Studio:
         self._ranges_saved = 0
         self._ranges_lock = threading.Lock()
         self._roundings: dict[int, Any] = {}  # W bits -> the installed learned rounding (dgq.adaround)
+        self._act_ranges: dict[tuple[int, int], Any] = {}  # (W, A) -> learned step sizes (dgq.act_recon)
+        self._splits: dict[str, int] | None = None
         self._rounding_lock = threading.Lock()
         if range_cache:
             self._load_weight_ranges(range_cache)
@@ -362,18 +366,57 @@ class Studio:
         with self._lock:
             p = self._params.get(config)
             if p is None:
-                # activation parameters depend neither on the weight bits nor on their rounding: reuse them
+                inputs = self._method_inputs(config)
+                # activation parameters depend neither on the weight bits nor on their rounding
+                # (unless the method learned them with the quantized weights): reuse them
                 def acts(c):
-                    return replace(c, w_bits=8, weight_rounding="nearest")
+                    return c if rules_for(c).acts_depend_on_weights(c) else replace(c, w_bits=8, weight_rounding="nearest")
                 same_acts = next((q for c, q in self._params.items() if acts(c) == acts(config)), None)
                 p = QuantParams(self.calibration, config, tables=same_acts.tables if same_acts else None,
-                                device=self.pipe.unet.device)
+                                device=self.pipe.unet.device, inputs=inputs)
                 self._params[config] = p
                 while len(self._params) > 32:
                     self._params.popitem(last=False)
             else:
                 self._params.move_to_end(config)
         return p
+
+    def _method_inputs(self, config: QuantConfig) -> MethodInputs:
+        """Split inputs (paper-recipe baselines) and the learned step sizes `qdiff-paper` needs."""
+        style = getattr(config, "style", None)
+        if style is None or not style.paper:
+            return MethodInputs()
+        if self._splits is None:
+            self._splits = split_points(self.pipe.unet)
+        ranges = None
+        if style is BaselineStyle.QDIFF_PAPER and config.a_bits < 16:
+            ranges = self.act_ranges(config.w_bits, config.a_bits)
+            if ranges is None:
+                raise RuntimeError(
+                    f"no learned Q-Diffusion step sizes at W{config.w_bits}A{config.a_bits} are stored for this model: "
+                    f"run `python -m dgq reconstruct --model {self.model_id} --method qdiff-paper "
+                    f"--w-bits {config.w_bits} --a-bits {config.a_bits}`")
+        return MethodInputs(splits=self._splits, act_ranges=ranges)
+
+    def act_ranges(self, w_bits: int, a_bits: int):
+        """The stored learned step sizes (`dgq.act_ranges`) for these weights, rounding and
+        calibration at (W, A), loaded once; None when none is stored."""
+        from dgq import act_ranges  # noqa: PLC0415
+
+        key = (w_bits, a_bits)
+        if key not in self._act_ranges:
+            hit = act_ranges.find(self, w_bits, a_bits)
+            if hit is None:
+                return None
+            self._act_ranges[key] = hit[0]
+        return self._act_ranges[key]
+
+    def has_act_ranges(self, w_bits: int, a_bits: int) -> bool:
+        """Whether `qdiff-paper` can run at (W, A): learned step sizes stored (reads sidecars)."""
+        try:
+            return self.calibration is not None and self.act_ranges(w_bits, a_bits) is not None
+        except RuntimeError:
+            return False
 
     def prepare(self, config: QuantConfig) -> float:
         """Build what `config` needs before its first generation (all quantizer parameters, the

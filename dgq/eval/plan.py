@@ -61,6 +61,8 @@ def setting_fingerprint(plan_info: dict[str, Any], setting: Setting) -> str:
         d["calibration"] = (plan_info.get("calibration") or {}).get("sha256")
         if setting.config.weight_rounding == "adaround":  # which learned rounding made the images
             d["rounding"] = (plan_info.get("roundings") or {}).get(str(setting.config.w_bits))
+        if getattr(getattr(setting.config, "style", None), "value", None) == "qdiff-paper":  # and which step sizes
+            d["act_ranges"] = (plan_info.get("act_ranges") or {}).get(f"W{setting.config.w_bits}A{setting.config.a_bits}")
     return digest(d)
 
 

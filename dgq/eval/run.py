@@ -272,12 +272,15 @@ def _run(opts: Options, started: float) -> dict[str, Any] | None:
                         pipe.scheduler.__class__.__name__)
     calib = None if all(s.is_fp for s in settings) else _calibration(pipe, opts, out)
     info = _plan_info(opts, pipe, plan, settings, calib, digest(list(prompts)))
+    studio = Studio(pipe, calib, weight_search=opts.weight_search, max_batch=max(16, opts.batch_size),
+                    max_steps=max(200, opts.steps))
+    learned = _learned_act_ranges(studio, settings)
+    if learned:  # only then: the plans of runs without qdiff-paper stay as they were
+        info["act_ranges"] = learned
     plan_fp = digest({k: v for k, v in info.items() if k not in ("preset", "model_arg", "prompts_file")})
     if opts.rank == 0:
         write_json(out / "prompts.json", list(prompts))
         write_json(out / "plan.json", {**info, "metrics": metrics, "fingerprint": plan_fp})
-    studio = Studio(pipe, calib, weight_search=opts.weight_search, max_batch=max(16, opts.batch_size),
-                    max_steps=max(200, opts.steps))
     status = "failed"
     try:
         made = _generate(studio, out, settings, plan, info, opts)
@@ -292,6 +295,21 @@ def _run(opts: Options, started: float) -> dict[str, Any] | None:
     from dgq.bops import count_macs, to_meta  # noqa: PLC0415
 
     return _score(out, settings, plan, info, metrics, opts, count_macs(to_meta(pipe.unet)))
+
+
+def _learned_act_ranges(studio, settings: list[Setting]) -> dict[str, str]:
+    """{"W4A6": checksum} of the learned step sizes each `qdiff-paper` setting uses; a clear error
+    naming the command when one is not stored (before any image is made)."""
+    pairs = sorted({(s.config.w_bits, s.config.a_bits) for s in settings
+                    if getattr(getattr(s.config, "style", None), "value", None) == "qdiff-paper"})
+    out: dict[str, str] = {}
+    for w, a in pairs:
+        r = studio.act_ranges(w, a) if studio.load_rounding(w) else None
+        if r is None:
+            raise ValueError(f"qdiff-paper:W{w}A{a} needs Q-Diffusion's learned step sizes: run `python -m dgq "
+                             f"reconstruct --model {studio.model_id} --method qdiff-paper --w-bits {w} --a-bits {a}`")
+        out[f"W{w}A{a}"] = str(r.meta.get("sha256"))
+    return out
 
 
 def _is_embedded(model: str) -> bool:

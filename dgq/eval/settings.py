@@ -41,7 +41,8 @@ SETTING_GROUPS: dict[str, list[str]] = {
                  "dgq:W4A6:K16:axis=pixel", "dgq:W4A6:K16:nolog", "dgq:W4A6:K16:nostart", "dgq:W4A6:K16:static",
                  "dgq:W4A6:K16:notime"],
 }
-_METHODS = {"fp": "fp", "fp32": "fp", "qdiff": "qdiff", "q-diff": "qdiff", "tfmq": "tfmq", "dgq": "dgq"}
+_METHODS = {"fp": "fp", "fp32": "fp", "qdiff": "qdiff", "q-diff": "qdiff", "tfmq": "tfmq", "dgq": "dgq",
+            "qdiff-paper": "qdiff-paper", "tfmq-paper": "tfmq-paper"}
 #: DGQ ablation flags → DGQConfig field and value, in canonical order.
 _FLAGS: dict[str, tuple[str, Any]] = {
     "nogroups": ("use_groups", False),
@@ -84,6 +85,8 @@ def canonical_spec(config: QuantConfig) -> str:
     ada = ":adaround" if config.weight_rounding == "adaround" else ""
     ada += ":execution=int8" if config.execution == "int8" else ""
     if isinstance(config, BaselineConfig):
+        if config.style.paper:  # AdaRound is part of the recipe, not an option
+            ada = ada.replace(":adaround", "")
         return f"{config.style.value}:W{config.w_bits}A{config.a_bits}{ada}"
     parts = [f"dgq:W{config.w_bits}A{config.a_bits}:K{config.groups}"]
     if not config.use_groups:
@@ -98,7 +101,8 @@ def canonical_spec(config: QuantConfig) -> str:
 def parse_setting(text: str) -> Setting:
     """``method[:WxAy][:Kn][:flag…]`` → `Setting`. Case-insensitive; W8A8 and K16 are the defaults.
 
-    method: fp, qdiff, tfmq, dgq. Flags (DGQ only): nogroups, axis=auto|channel|pixel, nolog,
+    method: fp, qdiff, tfmq, dgq, qdiff-paper, tfmq-paper (the baselines as their papers run
+    them; AdaRound weights implied). Flags (DGQ only): nogroups, axis=auto|channel|pixel, nolog,
     nostart, static, notime, batchscale. Any quantized method: adaround (the weights' learned
     rounding, `python -m dgq reconstruct`, instead of round-to-nearest); execution=simulated|int8
     (int8: integer GEMMs, `dgq.int8`; W <= 8, A = 8).
@@ -111,7 +115,8 @@ def parse_setting(text: str) -> Setting:
     tokens = [t.strip().lower() for t in raw.split(":")]
     method = _METHODS.get(tokens[0])
     if method is None:
-        raise ValueError(f"setting {raw!r}: unknown method {tokens[0]!r}; allowed: fp, qdiff, tfmq, dgq")
+        raise ValueError(f"setting {raw!r}: unknown method {tokens[0]!r}; allowed: "
+                         "fp, qdiff, tfmq, dgq, qdiff-paper, tfmq-paper")
     w = a = None
     opts: dict[str, Any] = {}
     rounding = "nearest"

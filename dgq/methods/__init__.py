@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from dgq.methods.base import MethodRules, ProbQuant
+from dgq.methods.base import MethodInputs, MethodRules, ProbQuant
 
 _RULES: dict[type, MethodRules] = {}
 
@@ -41,4 +41,4 @@ def rules_for(config: Any) -> MethodRules:
 # the built-in methods register themselves on import
 from dgq.methods import baseline, dgq_method, fp  # noqa: E402, F401
 
-__all__ = ["MethodRules", "ProbQuant", "register", "rules_for"]
+__all__ = ["MethodInputs", "MethodRules", "ProbQuant", "register", "rules_for"]

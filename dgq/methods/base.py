@@ -9,13 +9,22 @@ differ. A new method is a module with one `MethodRules` subclass registered for 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dgq.config import Axis, ScaleScope
 
 if TYPE_CHECKING:
     from dgq.calibration import Calibration, SiteInfo
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What some methods need besides the calibration: the model's split inputs (`dgq.split`) and
+    learned activation ranges (`dgq.act_recon.ActRanges`), handed over by the `Studio`."""
+
+    splits: dict[str, int] = field(default_factory=dict)
+    act_ranges: Any = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,16 @@ class MethodRules:
 
     def start_fp(self, config: Any, info: SiteInfo) -> bool:
         """Whether the `<start>` token's key row of a cross-attention stays in full precision."""
+        return False
+
+    def fixed_act(self, config: Any, calib: Calibration, site: str, t_keys: list[int], bits: int,
+                  inputs: MethodInputs) -> dict[int, tuple[str, Any, Any, Any]] | None:
+        """Parameters a method sets itself for a site instead of the shared mechanics: {t_key:
+        (mode, scale, zero, labels)} for every key in `t_keys`, or None (the default)."""
+        return None
+
+    def acts_depend_on_weights(self, config: Any) -> bool:
+        """Whether activation parameters depend on the weight bits and rounding (learned with them)."""
         return False
 
     def groups(self, config: Any) -> int:

@@ -1,0 +1,271 @@
+"""Q-Diffusion's activation step sizes, learned by block reconstruction (LSQ), for `qdiff-paper`.
+
+Q-Diffusion (Li et al., ICCV 2023; dgq-method.md §E) does not stop at calibrated activation
+ranges: after the weights' AdaRound stage it initialises one per-tensor range per layer input for
+all timesteps, refines it with EMA running statistics, and then learns each step size Δ with the
+straight-through estimator (LSQ), block by block, against the FP block output:
+
+    x̂ = Δ·(clamp(⌊x/Δ⌉ + z, 0, 2^b − 1) − z),   ∂⌊u⌉/∂u := 1,   loss = Σ|unit_q(x_q) − unit_fp(x_fp)|^p
+
+with z fixed from the initial range, Adam on Δ and cosine decay, inputs x_q from the
+network whose weights (AdaRound) and earlier units' activations (learned Δ) are already
+quantized, targets from FP (BRECQ's `asym=True`). Units are those of `dgq.reconstruction`.
+
+What `dgq` does differently, and why:
+* Initial range: the mean over the calibrated steps of each step's min/max, from the shared
+  calibration (no second pass). Q-Diffusion's EMA runs over shuffled batches drawn from all steps,
+  which averages the batch extremes in the same way.
+* Learned: the inputs of every quantized conv/linear (the up-blocks' shortcut concatenation
+  with one Δ per half, `dgq.split`). Q, K, V and the probabilities keep the light `qdiff`'s MSE
+  ranges while Δ is learned and after (Q-Diffusion learns those too).
+* Iterations: 100 per unit by default at lr 2e-3 (the authors: 5,000 at 4e-4 on a GPU), for CPU time.
+* A unit whose learned step sizes do not lower its output error keeps the initial ones.
+
+A result depends on the weights, the weight rounding, W and A bits, the calibration and these
+settings; it is stored like a rounding (`dgq.act_ranges`, `dgq.stored`) under
+`$DGQ_CACHE/act-recon/` and, for the embedded model, shipped beside its calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from dgq import primitives as P
+from dgq.act_ranges import ActRanges, ActReconSettings, file_stem, find, folders, identity
+from dgq.calibration import ALL, Calibration
+from dgq.split import half_ranges, split_labels
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- ranges
+def initial_range(calib: Calibration, site: str, bits: int, split: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) from the mean over calibrated steps of each step's min/max: shape [1], or
+    [2] (one per half) for a split input."""
+    rows = [calib.t_index(t) for t in calib.t_keys if t != ALL]
+    if split:
+        lo, hi = half_ranges(calib.tensors[f"{site}|ch_min"][rows], calib.tensors[f"{site}|ch_max"][rows], split)
+        return P.uniform_qparams(lo.mean(0), hi.mean(0), bits)
+    lo = calib.tensors[f"{site}|tmin"][rows].float().mean().clamp(max=0)
+    hi = calib.tensors[f"{site}|tmax"][rows].float().mean().clamp(min=0)
+    s, z = P.uniform_qparams(lo, hi, bits)
+    return s.reshape(1), z.reshape(1)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize whose gradient reaches `scale` (LSQ; rounding passed straight through)."""
+    if scale.numel() > 1:  # per input channel: [C] → broadcast over dim 1
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale, zero = scale.view(shape), zero.view(shape)
+    s = scale.clamp_min(P.EPS)
+    q = torch.clamp(_round_ste(x / s) + zero, 0, 2**bits - 1)
+    return (q - zero) * s
+
+
+class _Inputs:
+    """Forward pre-hooks that quantize the inputs of wrapped layers with the current step sizes
+    (while the quantized layers run their original forward: no `dgq` context is active). A split
+    input holds two step sizes, spread over its channels by `labels` on every call."""
+
+    def __init__(self, layers: dict[str, nn.Module], ranges: dict[str, list[torch.Tensor]], bits: int,
+                 labels: dict[str, torch.Tensor]) -> None:
+        self.layers, self.ranges, self.bits, self.labels = layers, ranges, bits, labels
+
+    def per_channel(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = self.ranges[name]
+        lab = self.labels.get(name)
+        return (s[lab], z[lab]) if lab is not None else (s, z)
+
+    @contextmanager
+    def on(self, names: list[str]) -> Iterator[None]:
+        def hook_for(name: str) -> Callable[..., Any]:
+            def hook(_m, args):
+                return (lsq_fake_quant(args[0], *self.per_channel(name), self.bits), *args[1:])
+            return hook
+
+        handles = [self.layers[n].register_forward_pre_hook(hook_for(n)) for n in names]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = None,
+          report: Callable[[str], None] | None = None, data: dict[str, torch.Tensor] | None = None,
+          threads: int | None = 1, prompts: list[str] | None = None) -> ActRanges:
+    """Learn Q-Diffusion's step sizes for the Studio's model at (W, A) (see the module doc). The
+    Studio's calibration gives the initial ranges; its AdaRound rounding at W must be stored.
+
+    Args:
+        studio: a calibrated `dgq.Studio`.
+        w_bits / a_bits: weight bits 2..8 (AdaRound), activation bits 4..8.
+        settings: iterations, batch, samples, lr, loss exponent (`ActReconSettings()`).
+        report: called with one line per unit (error with the initial and the learned sizes).
+        data: UNet inputs from `dgq.reconstruction.sample_inputs` (made here if None).
+        threads: torch intra-op threads while it runs (default 1, see `reconstruction.torch_threads`).
+        prompts: the prompts of the sampling runs (default: the 64 calibration prompts).
+
+    Example:
+        >>> ranges = learn(studio, 4, 6, ActReconSettings(iters=100))
+    """
+    from dgq import reconstruction as R  # noqa: PLC0415
+    from dgq.split import split_points  # noqa: PLC0415
+    from dgq.studio import default_calibration_prompts  # noqa: PLC0415
+
+    settings = settings or ActReconSettings()
+    say = report or (lambda line: log.info("%s", line))
+    if not 2 <= w_bits <= 8 or not 4 <= a_bits <= 8:
+        raise ValueError(f"W{w_bits}A{a_bits}: learned step sizes need 2 <= W <= 8 and 4 <= A <= 8")
+    if studio.calibration is None:
+        raise RuntimeError("learning step sizes needs a calibrated Studio: dgq.Studio(pipe, dgq.calibrate(pipe))")
+    if not studio.load_rounding(w_bits):
+        raise RuntimeError(f"no AdaRound rounding at W{w_bits} is stored: run "
+                           f"`python -m dgq reconstruct --model {studio.model_id} --w-bits {w_bits}` first")
+    with R.torch_threads(threads):
+        t0 = time.perf_counter()
+        calib, unet = studio.calibration, studio.pipe.unet
+        layers = dict(studio._qlayers)
+        prompts = list(prompts) if prompts is not None else default_calibration_prompts(studio.model_id)
+        setup = identity(studio, w_bits, a_bits, settings, prompts)
+        splits = split_points(unet)
+        ranges = {n: [t.clone() for t in initial_range(calib, n, a_bits, splits.get(n))] for n in layers}
+        qweights = {n: m.quantized_weight(w_bits, "adaround").detach() for n, m in layers.items()}
+        if data is None:
+            data = sample(studio, settings, prompts, say, threads=None)
+        data = {k: v for k, v in data.items() if k not in ("total", "seconds")}
+        labels = {n: split_labels(calib.sites[n].channels, k) for n, k in splits.items() if n in layers}
+        hooks = _Inputs(layers, ranges, a_bits, labels)
+        plan = R.units(unet, layers)
+        gen = torch.Generator().manual_seed(settings.seed + 100 * w_bits + a_bits)
+        say(f"W{w_bits}A{a_bits}: {len(plan)} units, {settings.iters} iterations each, batch {settings.batch_size}, "
+            f"{data['sample'].shape[0]} samples")
+        done: list[str] = []
+        rows = []
+        for i, unit in enumerate(plan):
+            t1 = time.perf_counter()
+            _, _, target = R.capture(unet, unit, data, None, with_output=True)
+            with hooks.on(done):
+                args, kwargs, _ = R.capture(unet, unit, data, qweights, with_output=False)
+            near = {ln: qweights[ln] for ln in unit.layers}
+            with hooks.on(unit.layers):
+                before = R._mse(unit, args, kwargs, target, near)
+            start = {ln: [t.clone() for t in ranges[ln]] for ln in unit.layers}
+            _learn_unit(unit, hooks, near, args, kwargs, target, settings, gen)
+            with hooks.on(unit.layers):
+                after = R._mse(unit, args, kwargs, target, near)
+            kept = not after < before
+            if kept:
+                for ln in unit.layers:
+                    ranges[ln] = start[ln]
+            done += unit.layers
+            rows.append({"unit": unit.name, "mse_initial": before, "mse_learned": after, "kept_initial": kept,
+                         "seconds": round(time.perf_counter() - t1, 2)})
+            say(f"[{i + 1:2d}/{len(plan)}] {unit.name:55s} MSE initial {before:.4e} -> learned {after:.4e} "
+                f"({(after / before - 1) * 100 if before > 0 else 0.0:+.1f} %){' KEPT INITIAL' if kept else ''}, "
+                f"{rows[-1]['seconds']:.1f}s")
+        seconds = round(time.perf_counter() - t0, 1)
+        say(f"learned the step sizes of {len(layers)} layer inputs at W{w_bits}A{a_bits} in {seconds:.0f}s")
+        meta = dict(setup, settings=settings.to_dict(), units=rows, seconds=seconds, sites=sorted(layers),
+                    splits=splits, created=round(time.time(), 3))
+        return ActRanges(w_bits, a_bits, {n: tuple(t.detach().cpu() for t in hooks.per_channel(n)) for n in layers}, meta)
+
+
+def sample(studio, settings: ActReconSettings, prompts: list[str] | None = None,
+           report: Callable[[str], None] | None = None, threads: int | None = 1) -> dict[str, torch.Tensor]:
+    """UNet inputs for `learn` (`settings.samples` of them, seeded), to share between widths."""
+    from dgq import reconstruction as R  # noqa: PLC0415
+    from dgq.adaround import ReconSettings  # noqa: PLC0415
+    from dgq.loading import default_guidance  # noqa: PLC0415
+    from dgq.studio import default_calibration_prompts  # noqa: PLC0415
+
+    prompts = list(prompts) if prompts is not None else default_calibration_prompts(studio.model_id)
+    guidance = default_guidance(studio.pipe) if settings.guidance is None else settings.guidance
+    (report or (lambda line: log.info("%s", line)))(
+        f"sampling {len(prompts)} calibration prompts x {settings.steps} steps for UNet inputs")
+    recon = ReconSettings(samples=settings.samples, steps=settings.steps, guidance=settings.guidance, seed=settings.seed)
+    with R.torch_threads(threads):
+        return R.sample_inputs(studio.pipe, recon, prompts, guidance)
+
+
+def _learn_unit(unit, hooks: _Inputs, weights: dict[str, torch.Tensor], args, kwargs, target: torch.Tensor,
+                settings: ActReconSettings, gen: torch.Generator) -> None:
+    """Adam (cosine-decayed) on the step sizes of the unit's layer inputs, in place in `hooks.ranges`."""
+    from dgq.reconstruction import _rel, _take  # noqa: PLC0415
+
+    n = target.shape[0]
+    device = next(unit.module.parameters()).device
+    deltas = {ln: nn.Parameter(hooks.ranges[ln][0].clone().to(device)) for ln in unit.layers}
+    saved = {ln: hooks.ranges[ln][0] for ln in unit.layers}
+    for ln in unit.layers:
+        hooks.ranges[ln][0] = deltas[ln]
+    opt = torch.optim.Adam(list(deltas.values()), lr=settings.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iters, eta_min=0.0)
+    params = {_rel(unit, k): v for k, v in weights.items()}
+    flags = [q.requires_grad for q in unit.module.parameters()]
+    unit.module.requires_grad_(False)
+    try:
+        with torch.enable_grad(), hooks.on(unit.layers):
+            for _ in range(settings.iters):
+                idx = torch.randint(0, n, (settings.batch_size,), generator=gen)
+                out = functional_call(unit.module, params, _take(args, idx, n, device), _take(kwargs, idx, n, device))
+                err = (out.float() - target[idx].to(device)).abs().pow(settings.p)
+                loss = err.sum(1).mean() if err.dim() > 1 else err.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for d in deltas.values():
+                        d.clamp_(min=P.EPS)
+    finally:
+        for q, f in zip(unit.module.parameters(), flags):
+            q.requires_grad_(f)
+        for ln in unit.layers:
+            hooks.ranges[ln][0] = deltas[ln].detach().cpu() if ln in deltas else saved[ln]
+
+
+def learn_cached(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = None,
+                 folder: str | Path | None = None, force: bool = False, report: Callable[[str], None] | None = None,
+                 threads: int | None = 1, prompts: list[str] | None = None,
+                 data: dict[str, torch.Tensor] | None = None) -> tuple[ActRanges, Path, bool]:
+    """The stored result at (W, A) for these settings and prompts, learned and written atomically
+    (default `$DGQ_CACHE/act-recon/`) when none is stored, it is stale or corrupted.
+
+    Returns:
+        (ranges, path of the safetensors file, learned_now).
+    """
+    from dgq.studio import default_calibration_prompts  # noqa: PLC0415
+
+    settings = settings or ActReconSettings()
+    say = report or (lambda line: log.info("%s", line))
+    prompts = list(prompts) if prompts is not None else default_calibration_prompts(studio.model_id)
+    folder = Path(folder) if folder is not None else folders(studio.model_id)[0]
+    if not force and studio.load_rounding(w_bits):
+        want = identity(studio, w_bits, a_bits, settings, prompts)
+        key = want["key"]
+        p = folder / file_stem(want["weights"], w_bits, a_bits, key)
+        hit = find(studio, w_bits, a_bits, settings, [folder] + folders(studio.model_id)[1:], key)
+        if hit is not None:
+            say(f"W{w_bits}A{a_bits}: stored step sizes {hit[1]} are valid; not learned again")
+            return hit[0], hit[1], False
+        if p.with_suffix(".json").exists() or p.with_suffix(".safetensors").exists():
+            say(f"W{w_bits}A{a_bits}: stored step sizes at {p} not used (stale or corrupted); learning them again")
+    r = learn(studio, w_bits, a_bits, settings, say, data=data, threads=threads, prompts=prompts)
+    path = r.save(folder / file_stem(r.meta["weights"], w_bits, a_bits, r.meta["key"]))
+    say(f"W{w_bits}A{a_bits}: step sizes written to {path}")
+    return r, path, True
+
+__all__ = ["ActRanges", "ActReconSettings", "learn", "learn_cached", "lsq_fake_quant", "initial_range"]

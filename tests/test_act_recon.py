@@ -1,0 +1,133 @@
+"""Q-Diffusion's learned activation step sizes (LSQ) and the paper-recipe baselines end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgq import act_recon, stored
+from dgq import adaround as AR
+from dgq import primitives as P
+from dgq import reconstruction as R
+from dgq.act_ranges import ActRanges, ActReconSettings, find
+from dgq.config import BaselineConfig, BaselineStyle, config_from_dict
+from dgq.eval.settings import parse_setting
+
+PROMPTS = ["a large red circle on the left", "a small blue square at the top"]
+W = 5  # a width no other test module stores a rounding for
+FAST = ActReconSettings(iters=30, batch_size=4, samples=16, lr=2e-3, steps=2, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with R.torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def studio(random_pipe, random_calib, tmp_path_factory):
+    """A Studio over the random pipeline whose AdaRound rounding at W is stored in the cache."""
+    import dgq
+    from dgq.paths import cache_dir
+
+    R.reconstruct_cached(random_pipe, [W], AR.ReconSettings(iters=5, batch_size=2, samples=8, steps=2), PROMPTS,
+                         folder=cache_dir() / "adaround")
+    return dgq.Studio(random_pipe, random_calib, range_cache=False)
+
+
+@pytest.fixture(scope="module")
+def learned(studio):
+    return act_recon.learn(studio, W, 6, FAST, prompts=PROMPTS)
+
+
+def test_lsq_fake_quant_matches_the_quantizer_and_passes_gradients_to_the_step():
+    x = torch.randn(2, 3, 4, 4)
+    s, z = P.uniform_qparams(torch.tensor(-2.0), torch.tensor(2.5), 6)
+    scale = s.reshape(1).clone().requires_grad_(True)
+    y = act_recon.lsq_fake_quant(x, scale, z.reshape(1), 6)
+    assert torch.allclose(y, P.fake_quant(x, s, z, 6), atol=1e-6)
+    (y - x * 1.1).pow(2).sum().backward()
+    assert scale.grad is not None and float(scale.grad.abs()) > 0
+    per_ch = act_recon.lsq_fake_quant(x, torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3), 6)
+    assert torch.allclose(per_ch[:, 1], P.fake_quant(x[:, 1], torch.tensor(0.2), torch.tensor(0.0), 6))
+
+
+def test_learning_lowers_unit_errors_and_never_keeps_a_worse_one(learned, studio):
+    rows = learned.meta["units"]
+    improved = [r for r in rows if not r["kept_initial"]]
+    assert len(improved) >= 0.5 * len(rows)
+    assert all(r["mse_learned"] < r["mse_initial"] for r in improved)
+    assert set(learned.sites) == set(studio._qlayers)
+    splits = learned.meta["splits"]
+    assert splits
+    for site, split in splits.items():  # a split input keeps two step sizes, one per half
+        s, _ = learned.sites[site]
+        assert s.numel() == studio.calibration.sites[site].channels
+        assert len(set(s[:split].tolist())) == 1 and len(set(s[split:].tolist())) == 1
+
+
+def test_learning_is_reproducible_for_a_seed(learned, studio):
+    again = act_recon.learn(studio, W, 6, FAST, prompts=PROMPTS)
+    assert all(torch.equal(again.sites[n][0], learned.sites[n][0]) for n in learned.sites)
+
+
+def test_cache_round_trip_and_a_corrupted_file_is_rebuilt(studio, tmp_path):
+    cheap = ActReconSettings(iters=2, batch_size=2, samples=4, steps=1)
+    r1, path, built = act_recon.learn_cached(studio, W, 8, cheap, folder=tmp_path, prompts=PROMPTS)
+    assert built and path.is_file() and path.with_suffix(".json").is_file()
+    r2, path2, built2 = act_recon.learn_cached(studio, W, 8, cheap, folder=tmp_path, prompts=PROMPTS)
+    assert not built2 and path2 == path
+    assert all(torch.equal(r1.sites[n][0], r2.sites[n][0]) for n in r1.sites)
+    with pytest.raises(stored.StoredMismatch, match="weights"):
+        ActRanges.load(path.with_suffix(""), {"weights": "0" * 16})
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(stored.StoredMismatch, match="checksum"):
+        ActRanges.load(path.with_suffix(""))
+    assert find(studio, W, 8, cheap, [tmp_path]) is None  # a corrupted file is never used
+    r3, _, built3 = act_recon.learn_cached(studio, W, 8, cheap, folder=tmp_path, prompts=PROMPTS)
+    assert built3 and ActRanges.load(path.with_suffix("")).meta["sha256"] == r3.meta["sha256"]
+
+
+def test_paper_configs_and_settings():
+    c = BaselineConfig(4, 6, style="qdiff-paper")
+    assert c.weight_rounding == "adaround" and c.style is BaselineStyle.QDIFF_PAPER  # AdaRound is the recipe
+    assert config_from_dict(c.to_dict()) == c
+    assert c.label() == "Q-Diffusion (paper recipe) W4A6"
+    s = parse_setting("tfmq-paper:W4A8")
+    assert s.spec == "tfmq-paper:W4A8" and s.config.style is BaselineStyle.TFMQ_PAPER
+    assert parse_setting("qdiff-paper:W8A6:adaround").spec == "qdiff-paper:W8A6"
+    with pytest.raises(ValueError, match="int8"):
+        BaselineConfig(8, 8, style="tfmq-paper", execution="int8")
+
+
+def test_paper_baselines_run_end_to_end(studio, learned, tmp_path, monkeypatch):
+    prompt = "a red circle"
+    qcfg = BaselineConfig(W, 6, style="qdiff-paper")
+    with pytest.raises(RuntimeError, match="reconstruct .*--method qdiff-paper"):
+        studio.generate(prompt, seed=0, config=qcfg, steps=2)
+    learned.save(tmp_path / "act-recon" / act_recon.file_stem(learned.meta["weights"], W, 6, learned.meta["key"]))
+    monkeypatch.setenv("DGQ_CACHE", str(tmp_path))
+    studio._act_ranges.clear()
+    assert studio.has_act_ranges(W, 6) and not studio.has_act_ranges(W, 8)
+    paper = studio.generate(prompt, seed=0, config=qcfg, steps=2).image
+    assert studio.generate(prompt, seed=0, config=qcfg, steps=2).image.tobytes() == paper.tobytes()
+    light = studio.generate(prompt, seed=0, config=BaselineConfig(W, 6, style="qdiff", weight_rounding="adaround"),
+                            steps=2).image
+    assert paper.tobytes() != light.tobytes()
+    params = studio.params(qcfg)
+    site = next(iter(learned.sites))
+    q = params.act(site, params.key_for(500))
+    assert torch.equal(q.scale.reshape(-1), learned.sites[site][0].reshape(-1))
+    tfmq = studio.generate(prompt, seed=0, config=BaselineConfig(W, 6, style="tfmq-paper"), steps=2).image
+    tfmq_light = studio.generate(prompt, seed=0, config=BaselineConfig(W, 6, style="tfmq", weight_rounding="adaround"),
+                                 steps=2).image
+    assert tfmq.tobytes() != tfmq_light.tobytes()  # the split changes the shortcut convs' inputs
+
+
+def test_cli_reconstruct_qdiff_paper_needs_a_bits(capsys):
+    from dgq.cli import main
+
+    assert main(["reconstruct", "--model", "tiny", "--w-bits", "4", "--method", "qdiff-paper"]) != 0
+    assert "--a-bits" in capsys.readouterr().err
