@@ -89,18 +89,29 @@ def make_configs(w_bits: Any, a_bits: Any, groups: Any, baseline: Any, use_group
         raise input_error("execution", "int8 packs round-to-nearest weight codes, not the learned rounding",
                           "simulated with adaround, or int8 with nearest")
     opts = dict(execution=execution, weight_rounding=rounding)
+    if baseline.endswith("-paper") and execution == "int8":
+        raise input_error("execution", f"{C.BASELINES[baseline]} uses learned (AdaRound) weights, which run simulated",
+                          "simulated, or int8 with the tfmq or qdiff baseline")
     return (dgq.make_config(baseline, w, a, **opts),
             dgq.make_config("dgq", w, a, groups=k, axis=axis, **opts, **flags))
 
 
 def check_rounding(studio: Any, config: Any) -> None:
-    """A learned rounding is offered where one is stored for the model's weights at that W."""
-    if config.weight_rounding != "adaround" or studio.has_rounding(config.w_bits):
-        return
-    have = [b for b in range(C.W_MIN, C.W_MAX + 1) if studio.has_rounding(b)]
-    where = f"this model has one at W{', W'.join(map(str, have))}" if have else "this model has none"
-    raise input_error("weight_rounding", f"no learned (AdaRound) rounding at w_bits={config.w_bits}; {where}",
-                      "nearest, or adaround where `python -m dgq reconstruct --w-bits W` has been run")
+    """A learned rounding (and, for Q-Diffusion's paper recipe, learned step sizes) is offered
+    where one is stored for the model's weights at that W (and A)."""
+    name, w, a = config.weight_rounding, config.w_bits, config.a_bits
+    paper = str(getattr(getattr(config, "style", None), "value", ""))
+    field = "baseline" if paper.endswith("-paper") else "weight_rounding"
+    if name != "nearest" and not studio.has_rounding(w, name):
+        have = [b for b in range(C.W_MIN, C.W_MAX + 1) if studio.has_rounding(b, name)]
+        where = f"this model has one at W{', W'.join(map(str, have))}" if have else "this model has none"
+        tiar = " --tiar" if name == "adaround-tiar" else ""
+        raise input_error(field, f"no learned {name} weight rounding at w_bits={w}; {where}",
+                          f"another setting, or W where `python -m dgq reconstruct --w-bits W{tiar}` has been run")
+    if paper == "qdiff-paper" and not studio.has_act_ranges(w, a):
+        raise input_error("baseline", f"no learned Q-Diffusion step sizes at W{w}A{a} for this model",
+                          "another baseline or bit-width, or run `python -m dgq reconstruct --method qdiff-paper "
+                          f"--w-bits {w} --a-bits {a}`")
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -203,6 +214,7 @@ class Callbacks:
                                          dynamic_scale, time_aware, weight_rounding, execution)
         lm = self._load(req.model, progress)
         check_rounding(lm.studio, dgq_cfg)
+        check_rounding(lm.studio, base_cfg)
         tokens, truncated = lm.studio.tokens(req.prompt)
         if truncated:
             gr.Warning("The prompt is longer than 77 tokens: it was truncated (see the notice).")
@@ -226,7 +238,9 @@ class Callbacks:
         req = Request.from_dict(state["request"])
         base_cfg, dgq_cfg = make_configs(w_bits, a_bits, groups, baseline, use_groups, axis, log_quant, start_token,
                                          dynamic_scale, time_aware, weight_rounding, execution)
-        check_rounding(self._load(req.model, progress).studio, dgq_cfg)
+        studio = self._load(req.model, progress).studio
+        check_rounding(studio, dgq_cfg)
+        check_rounding(studio, base_cfg)
         results = self._run(req, [("baseline", base_cfg), ("dgq", dgq_cfg)], progress)
         fp_res, fp_hit = self.engine.result(req, dgq.FP)
         results_all = {"fp": (fp_res, fp_hit), **results}

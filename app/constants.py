@@ -63,7 +63,10 @@ DEFAULT_PROMPT = DOMAIN_EXAMPLES[0]
 W_MIN, W_MAX = W_BITS.start, W_BITS.stop - 1  # 2..8
 A_MIN, A_MAX = A_BITS.start, A_BITS.stop - 1  # 4..8
 GROUPS = list(GROUP_CHOICES)  # 1, 2, 4, 8, 16
-BASELINES = {"tfmq": "TFMQ-DM (per-timestep ranges)", "qdiff": "Q-Diffusion (one range for all steps)"}
+BASELINES = {"tfmq": "TFMQ-DM (per-timestep ranges)", "qdiff": "Q-Diffusion (one range for all steps)",
+             # as their papers run them (docs/paper-baselines.md): offered where the learned parts are stored
+             "tfmq-paper": "TFMQ-DM, paper recipe (AdaRound with TIAR, split shortcut)",
+             "qdiff-paper": "Q-Diffusion, paper recipe (AdaRound, learned step sizes, split shortcut)"}
 AXES = ["auto", "channel", "pixel"]
 ROUNDINGS = ["nearest", "adaround"]  # weight rounding: round to nearest, or learned by BRECQ/AdaRound
 EXECUTIONS = ["simulated", "int8"]  # fake quantization in fp32, or integer GEMMs (A = 8 only)

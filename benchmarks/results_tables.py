@@ -69,15 +69,48 @@ def tables(results: dict, layout: str = "full") -> str:
              f"({fp['n_single']} single-object and {fp['n_pair']} two-object prompts)",
              "", "## Table 2 structure", "", HEADER] + [row(by[k]) for k in order2]
     lines += ["", "## Table 3 ablations", "", HEADER] + [row(by[k]) for k in table3]
+    if layout == "bars" and any(k in by for k in PAPER_TABLE2):
+        missing = [k for k in PAPER_TABLE2 if k not in by]
+        if missing:
+            raise SystemExit(f"results lack the paper-recipe settings {missing}: run them to the end")
+        lines += ["", "## Table 2 with the paper's recipe", "", HEADER] + [row(by[k]) for k in PAPER_TABLE2]
     return "\n".join(lines)
+
+
+#: the paper-recipe rows: both baselines as their papers run them, DGQ with AdaRound weights and,
+#: for the deltas, DGQ with round-to-nearest weights
+PAPER_TABLE2 = [k for wa in ("W8A8", "W8A6", "W4A8", "W4A6")
+                for k in (f"qdiff-paper:{wa}", f"tfmq-paper:{wa}", f"dgq:{wa}:K16:adaround", f"dgq:{wa}:K16")]
+
+PLAN_KEYS = ("model", "weights", "prompts_sha", "steps", "guidance", "seed", "resolution", "scheduler")
+
+
+def merge(results: dict, others: list[dict]) -> dict:
+    """`results` with the settings of `others` appended (runs of the same plan — model, weights,
+    steps, guidance, seeds — whose FP images are the same, so PSNR/SSIM share one reference)."""
+    out = dict(results, settings=list(results["settings"]))
+    have = {s["setting"] for s in out["settings"]}
+    for o in others:
+        diff = [k for k in PLAN_KEYS if o["plan"].get(k) != results["plan"].get(k)]
+        if diff:
+            raise SystemExit(f"cannot merge a run with another plan ({', '.join(diff)} differ)")
+        out["settings"] += [s for s in o["settings"] if s["setting"] not in have]
+        have |= {s["setting"] for s in o["settings"]}
+        out["complete"] = bool(out.get("complete")) and bool(o.get("complete"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, help="results.json of a paper_tables.sh run")
     ap.add_argument("--layout", choices=["full", "bars"], default="bars", help="bars: a BARS=1 run")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="results.json of runs of the same plan whose "
+                    "settings are added (e.g. the paper-recipe rows)")
+    ap.add_argument("--write", type=Path, default=None, help="also write the merged results.json here")
     a = ap.parse_args(argv)
-    results = json.loads(a.results.read_text())
+    results = merge(json.loads(a.results.read_text()), [json.loads(p.read_text()) for p in a.merge])
+    if a.write is not None:
+        a.write.write_text(json.dumps(results, indent=1))
     if not results.get("complete"):
         print("warning: the run is not complete; rows may be missing", file=sys.stderr)
     print(tables(results, a.layout))

@@ -106,7 +106,7 @@ def identity(studio, w_bits: int, a_bits: int, settings: ActReconSettings,
     from dgq.loading import default_guidance  # noqa: PLC0415
 
     guidance = default_guidance(studio.pipe) if settings.guidance is None else settings.guidance
-    rounding = studio._roundings.get(w_bits)
+    rounding = studio.rounding(w_bits)
     d = {"model": studio.model_id, "weights": weights_fingerprint(studio.pipe.unet), "guidance": guidance,
          "rounding": None if rounding is None else rounding.meta.get("sha256"),
          "calibration": studio.calibration.meta.get("sha256"),

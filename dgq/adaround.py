@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 GAMMA, ZETA = -0.1, 1.1
-ROUNDINGS = ("nearest", "adaround")
+ROUNDINGS = ("nearest", "adaround", "adaround-tiar")
 SHIPPED_DIR = ASSETS / "tiny-sd-calibration"  # the embedded model's roundings (W4, W8)
 _SEP = "|"
 
@@ -127,6 +127,10 @@ class ReconSettings:
         steps (`int`, defaults to 25) / guidance (`float | None`): the calibration runs' sampler
             steps and CFG scale (None = the model's default).
         seed (`int`, defaults to 0): sample choice and batch order.
+        tiar (`bool`, defaults to False): TFMQ-DM's temporal-information-aware reconstruction —
+            the time-embedding MLP and every ResNet's `time_emb_proj` learned first as one unit
+            against their FP outputs over the calibrated timesteps (`dgq.reconstruction`); the
+            rounding it gives is the `"adaround-tiar"` weight rounding.
     """
 
     iters: int = 200
@@ -140,6 +144,7 @@ class ReconSettings:
     steps: int = 25
     guidance: float | None = None
     seed: int = 0
+    tiar: bool = False
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size", "samples", "steps"):
@@ -152,7 +157,21 @@ class ReconSettings:
             raise ValueError("need lr > 0, reg_weight ≥ 0 and beta_start ≥ beta_end > 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; `tiar` only when set, so the keys of files made before it existed hold."""
+        d = asdict(self)
+        if not d["tiar"]:
+            del d["tiar"]
+        return d
+
+    @property
+    def rounding(self) -> str:
+        """The weight-rounding name the result serves (`QuantConfig.weight_rounding`)."""
+        return "adaround-tiar" if self.tiar else "adaround"
+
+
+def rounding_name(meta: dict[str, Any]) -> str:
+    """"adaround" or "adaround-tiar": which weight rounding a stored file (its metadata) is."""
+    return "adaround-tiar" if (meta.get("settings") or {}).get("tiar") else "adaround"
 
 
 def settings_key(settings: ReconSettings, guidance: float, prompts_sha: str, weight_search: str) -> str:
@@ -233,11 +252,12 @@ def file_stem(weights: str, bits: int, key: str) -> str:
     return f"{weights}-w{bits}-{key}"
 
 
-def candidates(folders: list[Path], weights: str, bits: int, prefer: dict[str, Any] | None = None) -> list[Path]:
-    """Stored roundings for (weights, bits) in `folders`, best first: those made with the
-    `prefer`red settings (default: `ReconSettings()`'s) first, then the others newest first (by
-    their recorded creation time)."""
-    prefer = ReconSettings().to_dict() if prefer is None else prefer
+def candidates(folders: list[Path], weights: str, bits: int, prefer: dict[str, Any] | None = None,
+               name: str = "adaround") -> list[Path]:
+    """Stored roundings `name` ("adaround" | "adaround-tiar") for (weights, bits) in `folders`,
+    best first: those made with the `prefer`red settings (default: `ReconSettings()`'s) first,
+    then the others newest first (by their recorded creation time)."""
+    prefer = ReconSettings(tiar=name == "adaround-tiar").to_dict() if prefer is None else prefer
     found: list[tuple[int, float, Path]] = []
     for order, folder in enumerate(folders):
         if not folder.is_dir():
@@ -248,15 +268,17 @@ def candidates(folders: list[Path], weights: str, bits: int, prefer: dict[str, A
                 meta = Rounding.read_meta(p, {"weights": weights, "bits": bits})
             except RoundingMismatch:
                 continue
+            if rounding_name(meta) != name:
+                continue
             exact = meta.get("settings") == prefer
             found.append((0 if exact else 1, -float(meta.get("created", 0)) + order * 1e-3, p))
     return [p for *_, p in sorted(found, key=lambda t: (t[0], t[1]))]
 
 
 def load_best(folders: list[Path], weights: str, bits: int, layers: dict,
-              prefer: dict[str, Any] | None = None) -> Rounding | None:
-    """The first stored rounding for (weights, bits) that loads, verifies and fits `layers`."""
-    for p in candidates(folders, weights, bits, prefer):
+              prefer: dict[str, Any] | None = None, name: str = "adaround") -> Rounding | None:
+    """The first stored rounding `name` for (weights, bits) that loads, verifies and fits `layers`."""
+    for p in candidates(folders, weights, bits, prefer, name):
         try:
             r = Rounding.load(p, {"weights": weights, "bits": bits})
             r.check_layers(layers)
@@ -281,11 +303,11 @@ def install(layers: dict, rounding: Rounding) -> None:
     """Hand each wrapped layer its learned mask and range, and drop weights cached at these bits
     with another rounding (`QuantMixin.quantized_weight` reads `_dgq_wround`)."""
     rounding.check_layers(layers)
+    key = (rounding.bits, rounding.search, rounding_name(rounding.meta))
     for name, layer in layers.items():
         store = layer.__dict__.setdefault("_dgq_wround", {})
-        store[(rounding.bits, rounding.search)] = rounding.layers[name]
-        for k in [k for k in layer._dgq_wcache if k[:2] == (rounding.bits, rounding.search) and len(k) > 2]:
-            layer._dgq_wcache.pop(k)
+        store[key] = rounding.layers[name]
+        layer._dgq_wcache.pop(key, None)
 
 
 def now() -> float:

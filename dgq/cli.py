@@ -48,8 +48,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-scale", action="store_true", help="DGQ: calibrated instead of dynamic log scale")
     p.add_argument("--scale-scope", default="sample", choices=["sample", "batch"], help="DGQ: dynamic max per prompt or per batch")
     p.add_argument("--no-time-aware", action="store_true", help="DGQ: one parameter set for all timesteps")
-    p.add_argument("--weight-rounding", default="nearest", choices=["nearest", "adaround"],
-                   help="weights rounded to nearest, or with the AdaRound rounding `reconstruct` stored (default nearest)")
+    p.add_argument("--weight-rounding", default="nearest", choices=["nearest", "adaround", "adaround-tiar"],
+                   help="weights rounded to nearest, or with the AdaRound rounding `reconstruct` stored "
+                        "(adaround-tiar: the one made with --tiar; default nearest)")
     p.add_argument("--execution", default="simulated", choices=["simulated", "int8"],
                    help="simulated = fake quantization in fp32; int8 = integer GEMMs on the codes (W<=8, A=8; "
                         "same images up to fp32 rounding, see docs/int8.md)")
@@ -166,7 +167,7 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
         raise CliError(f"reconstruct: --w-bits {a.w_bits!r}; allowed: 2..8, e.g. 4 or 4,8")
     given = {k: getattr(a, k) for k in ("iters", "batch_size", "samples", "lr", "steps", "guidance", "seed")}
     try:
-        settings = ReconSettings(**{k: v for k, v in given.items() if v is not None})
+        settings = ReconSettings(**{k: v for k, v in given.items() if v is not None}, tiar=a.tiar)
     except ValueError as e:
         raise CliError(f"reconstruct: {e}") from e
     prompts = read_prompts(a.prompts_file) if a.prompts_file else None
@@ -178,6 +179,8 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
     if a.method not in ("weights", "qdiff-paper"):
         raise CliError(f"reconstruct: --method {a.method!r}; allowed: weights, qdiff-paper")
     a_bits = _bit_list(a.a_bits, "--a-bits", 4) if a.method == "qdiff-paper" else []
+    if a.method == "qdiff-paper" and a.tiar:
+        raise CliError("reconstruct: --tiar makes TFMQ-DM's weights; Q-Diffusion's step sizes are learned on plain AdaRound")
     if a.method == "qdiff-paper" and not a_bits:
         raise CliError("reconstruct: --method qdiff-paper needs --a-bits (e.g. 6 or 6,8)")
     done = reconstruct_cached(pipe, bits, settings, prompts, weight_search=a.weight_search, folder=a.out_dir,
@@ -280,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="learn again even if a valid stored rounding exists")
     r.add_argument("--threads", type=int, default=1, help="torch threads while it runs (default 1: the blocks' "
                    "tensors are small, so more threads mostly add hand-off costs)")
+    r.add_argument("--tiar", action="store_true", help="TFMQ-DM's temporal-information-aware reconstruction: the "
+                   "time-embedding MLP and every time_emb_proj learned first as one unit (the tfmq-paper weights)")
     r.add_argument("--method", default="weights", help="weights (AdaRound only, default) or qdiff-paper: also learn "
                    "Q-Diffusion's activation step sizes (LSQ) at --a-bits on top of the AdaRound weights")
     r.add_argument("--a-bits", default=None, help="with --method qdiff-paper: activation bits, e.g. 6 or 6,8")

@@ -17,7 +17,7 @@ W_BITS = range(2, 9)
 A_BITS = range(4, 9)
 OFF = 16  # bit-width meaning "not quantized"
 EXECUTIONS = ("simulated", "int8")  # fake-quant fp32 arithmetic, or integer GEMMs (dgq.int8)
-WEIGHT_ROUNDINGS = ("nearest", "adaround")  # round to nearest, or the rounding learned by dgq.reconstruction
+WEIGHT_ROUNDINGS = ("nearest", "adaround", "adaround-tiar")  # nearest, or learned by dgq.reconstruction (-tiar: with TFMQ-DM's TIAR)
 
 
 class Axis(str, Enum):
@@ -77,8 +77,13 @@ def _drop_default_execution(d: dict[str, Any]) -> dict[str, Any]:
 def _check_rounding(cfg: Any) -> None:
     if cfg.weight_rounding not in WEIGHT_ROUNDINGS:
         raise ValueError(f"weight_rounding={cfg.weight_rounding!r}; allowed: {list(WEIGHT_ROUNDINGS)}")
-    if cfg.weight_rounding == "adaround" and cfg.execution == "int8":
-        raise ValueError("weight_rounding='adaround' runs simulated only (the int8 path packs nearest-rounded codes)")
+    if cfg.weight_rounding != "nearest" and cfg.execution == "int8":
+        raise ValueError(f"weight_rounding={cfg.weight_rounding!r} runs simulated only (the int8 path packs nearest-rounded codes)")
+
+
+def rounding_label(rounding: str) -> str:
+    """The label suffix of a weight rounding ("" for nearest)."""
+    return {"adaround": " AdaRound", "adaround-tiar": " AdaRound+TIAR"}.get(rounding, "")
 
 
 def _check_bits(name: str, value: int, allowed: range) -> None:
@@ -111,14 +116,16 @@ class BaselineConfig:
         style (`str`, defaults to `"tfmq"`): `"tfmq"` = per-timestep min/max ranges,
             `"qdiff"` = one MSE-calibrated range for all timesteps; `"qdiff-paper"` /
             `"tfmq-paper"` = the same methods as their papers run them: AdaRound weights (always:
-            `weight_rounding` is set to `"adaround"`), the up-blocks' shortcut concatenation
+            `weight_rounding` is set to `"adaround"`, for TFMQ-DM `"adaround-tiar"`), the up-blocks' shortcut concatenation
             quantized with one range per half (`dgq.split`), and for Q-Diffusion the activation
             step sizes learned by block reconstruction (LSQ, `dgq.act_recon`).
         execution (`str`, defaults to `"simulated"`): `"simulated"` = fake quantization in fp32;
             `"int8"` = integer GEMMs on the codes (`dgq.int8`; W <= 8, A = 8), same results up to
             fp32 rounding.
         weight_rounding (`str`, defaults to `"nearest"`): `"adaround"` = the rounding learned by
-            BRECQ block reconstruction (`python -m dgq reconstruct`; the paper's SD recipe).
+            BRECQ block reconstruction (`python -m dgq reconstruct`; the paper's SD recipe);
+            `"adaround-tiar"` = the same with TFMQ-DM's temporal information block reconstructed
+            as one unit first (`python -m dgq reconstruct --tiar`).
     """
 
     w_bits: int = 8
@@ -135,8 +142,8 @@ class BaselineConfig:
             object.__setattr__(self, "style", BaselineStyle(self.style))
         except ValueError:
             raise ValueError(f"style={self.style!r}; allowed: {[s.value for s in BaselineStyle]}") from None
-        if self.style.paper:  # the papers' recipe rounds weights with AdaRound, never to nearest
-            object.__setattr__(self, "weight_rounding", "adaround")
+        if self.style.paper:  # the papers' recipe rounds weights with AdaRound (TFMQ-DM: with TIAR), never to nearest
+            object.__setattr__(self, "weight_rounding", "adaround" if self.style.one_range else "adaround-tiar")
         _check_execution(self)
         _check_rounding(self)
 
@@ -144,7 +151,7 @@ class BaselineConfig:
         name = "Q-Diffusion" if self.style.one_range else "TFMQ-DM"
         if self.style.paper:
             return f"{name} (paper recipe) W{self.w_bits}A{self.a_bits}"
-        return (f"{name} W{self.w_bits}A{self.a_bits}" + (" AdaRound" if self.weight_rounding == "adaround" else "")
+        return (f"{name} W{self.w_bits}A{self.a_bits}" + rounding_label(self.weight_rounding)
                 + (" int8" if self.execution == "int8" else ""))
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,7 +219,7 @@ class DGQConfig:
                               ("dynamic", self.dynamic_scale), ("time", self.time_aware)) if not v]
         extra = (" axis=" + self.axis.value) if self.axis is not Axis.AUTO else ""
         extra += (" no-" + ",no-".join(off)) if off else ""
-        extra += " AdaRound" if self.weight_rounding == "adaround" else ""
+        extra += rounding_label(self.weight_rounding)
         extra += " int8" if self.execution == "int8" else ""
         return f"DGQ W{self.w_bits}A{self.a_bits} K={self.effective_groups}{extra}"
 

@@ -72,12 +72,13 @@ class QuantMixin:
     def _learned_codes(self, bits: int, rounding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from dgq.adaround import mask_codes  # noqa: PLC0415 - only learned roundings need it
 
-        if rounding != "adaround":
-            raise ValueError(f"weight rounding {rounding!r}; allowed: nearest, adaround")
-        learned = self.__dict__.get("_dgq_wround", {}).get((bits, self.weight_search))
+        if rounding not in ("adaround", "adaround-tiar"):
+            raise ValueError(f"weight rounding {rounding!r}; allowed: nearest, adaround, adaround-tiar")
+        learned = self.__dict__.get("_dgq_wround", {}).get((bits, self.weight_search, rounding))
         if learned is None:
             raise RuntimeError(f"{self.dgq_name}: no AdaRound rounding at W{bits} is loaded; run "
-                               f"`python -m dgq reconstruct --w-bits {bits}` (or Studio.load_rounding({bits}))")
+                               f"`python -m dgq reconstruct --w-bits {bits}{' --tiar' if rounding == 'adaround-tiar' else ''}` "
+                               f"(or Studio.load_rounding({bits}, {rounding!r}))")
         mask, s, z = learned
         s, z = s.to(self.weight.device), z.to(self.weight.device)
         return mask_codes(self.weight, s, z, mask, bits), s, z

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -217,25 +218,41 @@ def _rel(unit: Unit, layer: str) -> str:
     return "weight" if layer == unit.name else layer[len(unit.name) + 1:] + ".weight"
 
 
+Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]  # (weights by layer, sample idx) -> out
+
+
+def _runner(unit: Unit, args, kwargs, n: int, fixed: dict[str, torch.Tensor] | None = None) -> Forward:
+    """The unit's forward on samples `idx` with the given layer weights (and `fixed` ones for
+    quantized layers inside it that it does not learn: TIAR's `time_emb_proj`)."""
+    device = next(unit.module.parameters()).device
+    base = {_rel(unit, k): v for k, v in (fixed or {}).items()}
+
+    def run(weights: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        params = dict(base, **{_rel(unit, k): v for k, v in weights.items()})
+        return functional_call(unit.module, params, _take(args, idx, n, device), _take(kwargs, idx, n, device))
+    return run
+
+
 @torch.no_grad()
-def _mse(unit: Unit, args, kwargs, target: torch.Tensor, weights: dict[str, torch.Tensor]) -> float:
+def _mse(unit: Unit, args, kwargs, target: torch.Tensor, weights: dict[str, torch.Tensor],
+         forward: Forward | None = None) -> float:
     """Mean squared error of the unit's output with `weights` against `target`, over all samples."""
     n, total = target.shape[0], 0.0
-    device = next(unit.module.parameters()).device
-    params = {_rel(unit, k): v for k, v in weights.items()}
+    run = forward or _runner(unit, args, kwargs, n)
     for i in range(0, n, CAPTURE_BATCH):
         idx = torch.arange(i, min(n, i + CAPTURE_BATCH))
-        out = functional_call(unit.module, params, _take(args, idx, n, device), _take(kwargs, idx, n, device))
-        total += float((out.float().cpu() - target[idx]).pow(2).sum())
+        total += float((run(weights, idx).float().cpu() - target[idx]).pow(2).sum())
     return total / target.numel()
 
 
 def learn_unit(unit: Unit, layers: dict[str, nn.Module], ranges: dict[str, tuple[torch.Tensor, torch.Tensor]],
                bits: int, args, kwargs, target: torch.Tensor, settings: AR.ReconSettings,
-               gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """AdaRound on one unit: the learned masks (name → bool [out, rest]) of its layers."""
+               gen: torch.Generator, forward: Forward | None = None) -> dict[str, torch.Tensor]:
+    """AdaRound on one unit: the learned masks (name → bool [out, rest]) of its layers.
+    `forward` replaces the unit's own (`_runner`), e.g. for TIAR's temporal block."""
     n = target.shape[0]
     device = next(unit.module.parameters()).device
+    run = forward or _runner(unit, args, kwargs, n)
     w = {ln: layers[ln].weight.detach() for ln in unit.layers}
     alphas = {ln: nn.Parameter(AR.init_alpha(w[ln], ranges[ln][0]).to(device)) for ln in unit.layers}
     opt = torch.optim.Adam(list(alphas.values()), lr=settings.lr)
@@ -245,9 +262,8 @@ def learn_unit(unit: Unit, layers: dict[str, nn.Module], ranges: dict[str, tuple
         with torch.enable_grad():
             for it in range(settings.iters):
                 idx = torch.randint(0, n, (settings.batch_size,), generator=gen)
-                params = {_rel(unit, ln): AR.soft_weight(w[ln], *ranges[ln], alphas[ln], bits).to(w[ln].dtype)
-                          for ln in unit.layers}
-                out = functional_call(unit.module, params, _take(args, idx, n, device), _take(kwargs, idx, n, device))
+                soft = {ln: AR.soft_weight(w[ln], *ranges[ln], alphas[ln], bits).to(w[ln].dtype) for ln in unit.layers}
+                out = run(soft, idx)
                 err = (out.float() - target[idx].to(device)).pow(2)
                 loss = err.sum(1).mean() if err.dim() > 1 else err.mean()  # BRECQ's lp_loss(p=2)
                 if it >= settings.warmup * settings.iters and settings.reg_weight > 0:
@@ -260,6 +276,63 @@ def learn_unit(unit: Unit, layers: dict[str, nn.Module], ranges: dict[str, tuple
         for q, f in zip(unit.module.parameters(), flags):
             q.requires_grad_(f)
     return {ln: (alphas[ln].detach() >= 0).cpu() for ln in unit.layers}
+
+
+def temporal_layers(layers: dict[str, nn.Module]) -> list[str]:
+    """TFMQ-DM's temporal information block: the time-embedding MLP and every `time_emb_proj`."""
+    return ([n for n in ("time_embedding.linear_1", "time_embedding.linear_2") if n in layers]
+            + [n for n in layers if n.endswith(".time_emb_proj")])
+
+
+def temporal_forward(unet: nn.Module, names: list[str], t_emb: torch.Tensor) -> Forward:
+    """The temporal block as one function of the sinusoidal timestep features `t_emb` [T, D]:
+    every `time_emb_proj` output (after the ResNet's SiLU) concatenated, [T, Σ out]. Only the
+    SD layout (linear, act, linear; no conditioning projection) is supported."""
+    te = unet.time_embedding
+    if getattr(te, "cond_proj", None) is not None or getattr(te, "post_act", None) is not None:
+        raise NotImplementedError("TIAR supports the SD time embedding (linear, act, linear) only")
+    mods = dict(unet.named_modules())
+    projs = [n for n in names if n.endswith(".time_emb_proj")]
+    l1, l2 = "time_embedding.linear_1", "time_embedding.linear_2"
+
+    def run(weights: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        h = F.linear(t_emb[idx], weights.get(l1, te.linear_1.weight), te.linear_1.bias)
+        h = te.act(h) if te.act is not None else h
+        h = F.linear(h, weights.get(l2, te.linear_2.weight), te.linear_2.bias)
+        outs = [F.linear(mods[p.rsplit(".", 1)[0]].nonlinearity(h), weights.get(p, mods[p].weight), mods[p].bias)
+                for p in projs]
+        return torch.cat(outs, 1)
+    return run
+
+
+def _learn_temporal(unet: nn.Module, layers: dict[str, nn.Module], ranges, bits: int, qweights: dict[str, torch.Tensor],
+                    masks: dict[str, torch.Tensor], data: dict[str, torch.Tensor], settings: AR.ReconSettings,
+                    gen: torch.Generator) -> dict[str, Any]:
+    """TIAR: AdaRound on the temporal block against its FP outputs at every timestep of the
+    calibration samples (its input, the timestep, is the same in the FP and the quantized network).
+    Updates `masks`/`qweights` in place (unless nearest was better) and returns the report row."""
+    t1 = time.perf_counter()
+    names = temporal_layers(layers)
+    p = next(unet.parameters())
+    steps = torch.unique(data["timestep"]).to(p.device)
+    t_emb = unet.time_proj(steps).to(p.dtype)
+    run = temporal_forward(unet, names, t_emb)
+    unit = Unit("temporal information block", unet.time_embedding, names)
+    with torch.no_grad():
+        target = run({}, torch.arange(len(steps))).cpu()
+    near = {ln: qweights[ln] for ln in names}
+    before = _mse(unit, None, None, target, near, run)
+    learned = learn_unit(unit, layers, ranges, bits, None, None, target, settings, gen, forward=run)
+    new = {ln: _dequant(layers[ln], learned[ln], *ranges[ln], bits) for ln in names}
+    after = _mse(unit, None, None, target, new, run)
+    kept = after >= before
+    if not kept:
+        for ln in names:
+            masks[ln], qweights[ln] = learned[ln], new[ln]
+    flipped = sum(int((learned[ln] != AR.nearest_mask(layers[ln].weight, ranges[ln][0]).cpu()).sum()) for ln in names)
+    return {"unit": unit.name, "layers": len(names), "weights": sum(layers[ln].weight.numel() for ln in names),
+            "mse_nearest": before, "mse_learned": after, "flipped": flipped, "kept_nearest": kept,
+            "timesteps": len(steps), "seconds": round(time.perf_counter() - t1, 2)}
 
 
 def _dequant(layer: nn.Module, mask: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -354,15 +427,25 @@ def _reconstruct(pipe, bits: int, settings: AR.ReconSettings, prompts: Sequence[
     say(f"{data['sample'].shape[0]} of {total} UNet inputs drawn; {len(plan)} units, {settings.iters} iterations "
         f"each, batch {settings.batch_size}, W{bits}")
     rows = []
+    if settings.tiar:  # TFMQ-DM: the temporal block first, as one unit; the blocks then keep its rounding
+        rows.append(_learn_temporal(unet, layers, ranges, bits, qweights, masks, data, settings, gen))
+        r = rows[-1]
+        say(f"[TIAR] {r['unit']} ({r['layers']} layers, {r['timesteps']} timesteps) MSE nearest {r['mse_nearest']:.4e} "
+            f"-> learned {r['mse_learned']:.4e} ({(r['mse_learned'] / r['mse_nearest'] - 1) * 100 if r['mse_nearest'] > 0 else 0.0:+.1f} %)"
+            f"{' KEPT NEAREST' if r['kept_nearest'] else ''}, {r['seconds']:.1f}s")
+        tib = set(temporal_layers(layers))
+        plan = [u for u in (Unit(u.name, u.module, [ln for ln in u.layers if ln not in tib]) for u in plan) if u.layers]
     for i, unit in enumerate(plan):
         t1 = time.perf_counter()
         _, _, target = capture(unet, unit, data, None, with_output=True)
         args, kwargs, _ = capture(unet, unit, data, qweights, with_output=False)
         near = {ln: qweights[ln] for ln in unit.layers}
-        before = _mse(unit, args, kwargs, target, near)
-        learned = learn_unit(unit, layers, ranges, bits, args, kwargs, target, settings, gen)
+        fixed = {ln: qweights[ln] for ln in layers if ln.startswith(unit.name + ".") and ln not in unit.layers}
+        run = _runner(unit, args, kwargs, target.shape[0], fixed)
+        before = _mse(unit, args, kwargs, target, near, run)
+        learned = learn_unit(unit, layers, ranges, bits, args, kwargs, target, settings, gen, forward=run)
         new = {ln: _dequant(layers[ln], learned[ln], *ranges[ln], bits) for ln in unit.layers}
-        after = _mse(unit, args, kwargs, target, new)
+        after = _mse(unit, args, kwargs, target, new, run)
         kept = after >= before
         if not kept:
             for ln in unit.layers:

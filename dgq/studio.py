@@ -263,7 +263,7 @@ class Studio:
         self._ranges_file: Path | None = None
         self._ranges_saved = 0
         self._ranges_lock = threading.Lock()
-        self._roundings: dict[int, Any] = {}  # W bits -> the installed learned rounding (dgq.adaround)
+        self._roundings: dict[tuple[int, str], Any] = {}  # (W bits, rounding name) -> installed rounding (dgq.adaround)
         self._act_ranges: dict[tuple[int, int], Any] = {}  # (W, A) -> learned step sizes (dgq.act_recon)
         self._splits: dict[str, int] | None = None
         self._rounding_lock = threading.Lock()
@@ -277,29 +277,34 @@ class Studio:
 
         return AR.rounding_folders(self.model_id)
 
-    def has_rounding(self, bits: int) -> bool:
-        """Whether a learned (AdaRound) rounding for these weights at `bits` is loaded or stored
-        (reads JSON sidecars only): what decides whether `weight_rounding="adaround"` is offered."""
+    def has_rounding(self, bits: int, name: str = "adaround") -> bool:
+        """Whether a learned rounding `name` ("adaround" | "adaround-tiar") for these weights at
+        `bits` is loaded or stored (reads JSON sidecars only): what decides whether it is offered."""
         from dgq import adaround as AR  # noqa: PLC0415
 
-        if bits in self._roundings:
+        if (bits, name) in self._roundings:
             return True
-        return bool(AR.candidates(self.rounding_folders(), weights_fingerprint(self.pipe.unet), bits))
+        return bool(AR.candidates(self.rounding_folders(), weights_fingerprint(self.pipe.unet), bits, name=name))
 
-    def load_rounding(self, bits: int) -> bool:
-        """Install the stored learned rounding at `bits` on the layers (once; well under a second
-        on the embedded model); False when none is stored for these weights."""
+    def load_rounding(self, bits: int, name: str = "adaround") -> bool:
+        """Install the stored learned rounding `name` at `bits` on the layers (once; well under a
+        second on the embedded model); False when none is stored for these weights."""
         from dgq import adaround as AR  # noqa: PLC0415
 
         with self._rounding_lock:
-            if bits in self._roundings:
+            if (bits, name) in self._roundings:
                 return True
-            r = AR.load_best(self.rounding_folders(), weights_fingerprint(self.pipe.unet), bits, self._qlayers)
+            r = AR.load_best(self.rounding_folders(), weights_fingerprint(self.pipe.unet), bits, self._qlayers,
+                             name=name)
             if r is None:
                 return False
             AR.install(self._qlayers, r)
-            self._roundings[bits] = r
+            self._roundings[(bits, name)] = r
             return True
+
+    def rounding(self, bits: int, name: str = "adaround") -> Any:
+        """The installed learned rounding (`dgq.adaround.Rounding`), or None before `load_rounding`."""
+        return self._roundings.get((bits, name))
 
     def _load_weight_ranges(self, range_cache: bool | str | Path) -> None:
         """Searched weight ranges from earlier sessions (`dgq.weight_ranges`): the shipped file of
@@ -360,9 +365,11 @@ class Studio:
             return None
         if self.calibration is None:
             raise RuntimeError("this Studio has no calibration: pass dgq.calibrate(pipe) to quantize")
-        if config.weight_rounding == "adaround" and config.w_bits < 16 and not self.load_rounding(config.w_bits):
-            raise RuntimeError(f"no AdaRound rounding at W{config.w_bits} is stored for this model: run "
-                               f"`python -m dgq reconstruct --model {self.model_id} --w-bits {config.w_bits}`")
+        rounding = config.weight_rounding
+        if rounding != "nearest" and config.w_bits < 16 and not self.load_rounding(config.w_bits, rounding):
+            tiar = " --tiar" if rounding == "adaround-tiar" else ""
+            raise RuntimeError(f"no {rounding} rounding at W{config.w_bits} is stored for this model: run "
+                               f"`python -m dgq reconstruct --model {self.model_id} --w-bits {config.w_bits}{tiar}`")
         with self._lock:
             p = self._params.get(config)
             if p is None:
@@ -558,13 +565,13 @@ def random_seed() -> int:
     return random.randint(0, 2**31 - 1)
 
 
-def stored_rounding_identity(pipe, bits: int) -> str | None:
+def stored_rounding_identity(pipe, bits: int, name: str = "adaround") -> str | None:
     """The checksum of the learned rounding a `Studio` over `pipe` loads at `bits` (None: none
     stored), so result files made with one rounding are never taken for another's."""
     from dgq import adaround as AR  # noqa: PLC0415 - learned roundings only
 
     quantize_(pipe.unet)
     r = AR.load_best(AR.rounding_folders(str(getattr(pipe, "dgq_model_id", "unknown"))), weights_fingerprint(pipe.unet),
-                     bits, quantized_layers(pipe.unet))
+                     bits, quantized_layers(pipe.unet), name=name)
     return None if r is None else str(r.meta.get("sha256"))
 

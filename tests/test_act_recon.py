@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -30,8 +32,9 @@ def studio(random_pipe, random_calib, tmp_path_factory):
     import dgq
     from dgq.paths import cache_dir
 
-    R.reconstruct_cached(random_pipe, [W], AR.ReconSettings(iters=5, batch_size=2, samples=8, steps=2), PROMPTS,
-                         folder=cache_dir() / "adaround")
+    cheap = AR.ReconSettings(iters=5, batch_size=2, samples=8, steps=2)
+    for tiar in (False, True):  # qdiff-paper's AdaRound weights, tfmq-paper's (with TIAR)
+        R.reconstruct_cached(random_pipe, [W], replace(cheap, tiar=tiar), PROMPTS, folder=cache_dir() / "adaround")
     return dgq.Studio(random_pipe, random_calib, range_cache=False)
 
 
@@ -93,6 +96,7 @@ def test_cache_round_trip_and_a_corrupted_file_is_rebuilt(studio, tmp_path):
 def test_paper_configs_and_settings():
     c = BaselineConfig(4, 6, style="qdiff-paper")
     assert c.weight_rounding == "adaround" and c.style is BaselineStyle.QDIFF_PAPER  # AdaRound is the recipe
+    assert BaselineConfig(4, 6, style="tfmq-paper").weight_rounding == "adaround-tiar"  # TFMQ-DM's: with TIAR
     assert config_from_dict(c.to_dict()) == c
     assert c.label() == "Q-Diffusion (paper recipe) W4A6"
     s = parse_setting("tfmq-paper:W4A8")
@@ -104,6 +108,7 @@ def test_paper_configs_and_settings():
 
 def test_paper_baselines_run_end_to_end(studio, learned, tmp_path, monkeypatch):
     prompt = "a red circle"
+    assert studio.load_rounding(W, "adaround-tiar")  # from the session cache, before DGQ_CACHE moves below
     qcfg = BaselineConfig(W, 6, style="qdiff-paper")
     with pytest.raises(RuntimeError, match="reconstruct .*--method qdiff-paper"):
         studio.generate(prompt, seed=0, config=qcfg, steps=2)
@@ -121,7 +126,8 @@ def test_paper_baselines_run_end_to_end(studio, learned, tmp_path, monkeypatch):
     q = params.act(site, params.key_for(500))
     assert torch.equal(q.scale.reshape(-1), learned.sites[site][0].reshape(-1))
     tfmq = studio.generate(prompt, seed=0, config=BaselineConfig(W, 6, style="tfmq-paper"), steps=2).image
-    tfmq_light = studio.generate(prompt, seed=0, config=BaselineConfig(W, 6, style="tfmq", weight_rounding="adaround"),
+    assert studio.rounding(W, "adaround-tiar") is not None  # tfmq-paper's weights are the TIAR rounding
+    tfmq_light = studio.generate(prompt, seed=0, config=BaselineConfig(W, 6, style="tfmq", weight_rounding="adaround-tiar"),
                                  steps=2).image
     assert tfmq.tobytes() != tfmq_light.tobytes()  # the split changes the shortcut convs' inputs
 

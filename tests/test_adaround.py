@@ -230,3 +230,45 @@ def test_statistics_from_the_quantized_network(random_pipe, tmp_path):
     again = dgq.calibrate(random_pipe, PROMPTS, steps=2, cache=tmp_path, progress=False, stats_network=net)
     assert again.meta.get("sha256") is not None and torch.equal(again.tensors[f"{site}|ch_max"],
                                                                  q.tensors[f"{site}|ch_max"])
+
+
+# ----------------------------------------------------------------------------- TIAR (TFMQ-DM)
+def test_temporal_forward_is_what_the_unet_feeds_each_resnet(random_pipe):
+    from dgq.modules import quantize_, quantized_layers
+
+    unet = random_pipe.unet
+    quantize_(unet)
+    layers = quantized_layers(unet)
+    names = R.temporal_layers(layers)
+    projs = [n for n in names if n.endswith("time_emb_proj")]
+    assert names[:2] == ["time_embedding.linear_1", "time_embedding.linear_2"] and projs
+    got = {}
+    mods = dict(unet.named_modules())
+    handles = [mods[p].register_forward_hook(lambda _m, _a, out, p=p: got.__setitem__(p, out)) for p in projs]
+    try:
+        with torch.no_grad():
+            unet(torch.randn(1, unet.config.in_channels, 16, 16), torch.tensor([321]),
+                 encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
+    finally:
+        for h in handles:
+            h.remove()
+    run = R.temporal_forward(unet, names, unet.time_proj(torch.tensor([321])))
+    with torch.no_grad():
+        out = run({}, torch.tensor([0]))
+    assert torch.allclose(out, torch.cat([got[p].reshape(1, -1) for p in projs], 1), atol=1e-5)
+
+
+def test_tiar_learns_the_temporal_block_first_as_one_unit(random_pipe, data, rounding):
+    from dataclasses import replace
+
+    assert "tiar" not in AR.ReconSettings().to_dict()  # the keys of files made before TIAR hold
+    r = R.reconstruct(random_pipe, 3, replace(FAST, tiar=True), PROMPTS, data=data)
+    rows = r.meta["units"]
+    assert rows[0]["unit"] == "temporal information block" and not rows[0]["kept_nearest"]
+    assert rows[0]["mse_learned"] < rows[0]["mse_nearest"] and rows[0]["timesteps"] >= 2
+    assert not any(u["unit"].startswith("time_embedding") for u in rows[1:])
+    plain = {u["unit"]: u["layers"] for u in rounding.meta["units"]}
+    res = [u for u in rows[1:] if u["unit"].endswith("resnets.0") and "down_blocks.0" in u["unit"]][0]
+    assert res["layers"] == plain[res["unit"]] - 1  # its time_emb_proj was learned by TIAR, then kept fixed
+    assert r.meta["settings"]["tiar"] is True and AR.rounding_name(r.meta) == "adaround-tiar"
+    assert AR.rounding_name(rounding.meta) == "adaround"

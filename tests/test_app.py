@@ -216,5 +216,10 @@ def test_execution_and_weight_rounding_toggles(cb):
     assert "int8" in metrics["dgq"]["label"] and "int8" in metrics["baseline"]["label"]
     assert metrics["dgq"]["config"]["execution"] == "int8"
     # the random test model has no learned rounding: the toggle says where one exists, nothing runs
-    with pytest.raises(gr.Error, match="weight_rounding: no learned .AdaRound. rounding at w_bits=4; this model has none"):
+    with pytest.raises(gr.Error, match="weight_rounding: no learned adaround weight rounding at w_bits=4; this model has none"):
         user_errors(cb.generate)(PROMPT, 1, 2, 7.5, "", 4, 6, 16, "tfmq", weight_rounding="adaround", progress=_quiet)
+    # the paper-recipe baselines say what is missing for them, before anything runs
+    with pytest.raises(gr.Error, match="baseline: no learned adaround-tiar weight rounding at w_bits=4; this model has none"):
+        user_errors(cb.generate)(PROMPT, 1, 2, 7.5, "", 4, 6, 16, "tfmq-paper", progress=_quiet)
+    with pytest.raises(gr.Error, match="baseline: no learned adaround weight rounding at w_bits=4"):
+        user_errors(cb.generate)(PROMPT, 1, 2, 7.5, "", 4, 6, 16, "qdiff-paper", progress=_quiet)

@@ -75,7 +75,9 @@ def test_bad_request_inputs_name_the_parameter(kw, match):
     (dict(groups=3), r"^groups: 3 is not one of the choices; allowed: 1, 2, 4, 8, 16$"),
     (dict(groups="16"), r"^groups: '16' is not one of the choices"),
     (dict(groups=True), r"^groups: True is not one of the choices"),
-    (dict(baseline="gptq"), r"^baseline: 'gptq' is not one of the choices; allowed: 'tfmq', 'qdiff'$"),
+    (dict(baseline="gptq"), r"^baseline: 'gptq' is not one of the choices; allowed: 'tfmq', 'qdiff', 'tfmq-paper', "
+                            r"'qdiff-paper'$"),
+    (dict(baseline="qdiff-paper", execution="int8", a_bits=8), r"^execution: Q-Diffusion, paper recipe .* run simulated"),
     (dict(axis=None), r"^axis: None is not one of the choices"),
     (dict(log_quant="yes"), r"^log_quant: 'yes' is not a boolean; allowed: true or false$"),
     (dict(time_aware=1), r"^time_aware: 1 is not a boolean"),

@@ -59,11 +59,17 @@ def setting_fingerprint(plan_info: dict[str, Any], setting: Setting) -> str:
     d["config"] = setting.config.to_dict()
     if not setting.is_fp:
         d["calibration"] = (plan_info.get("calibration") or {}).get("sha256")
-        if setting.config.weight_rounding == "adaround":  # which learned rounding made the images
-            d["rounding"] = (plan_info.get("roundings") or {}).get(str(setting.config.w_bits))
+        if setting.config.weight_rounding != "nearest":  # which learned rounding made the images
+            key = rounding_key(setting.config.w_bits, setting.config.weight_rounding)
+            d["rounding"] = (plan_info.get("roundings") or {}).get(key)
         if getattr(getattr(setting.config, "style", None), "value", None) == "qdiff-paper":  # and which step sizes
             d["act_ranges"] = (plan_info.get("act_ranges") or {}).get(f"W{setting.config.w_bits}A{setting.config.a_bits}")
     return digest(d)
+
+
+def rounding_key(w_bits: int, rounding: str) -> str:
+    """Key of a learned rounding in a plan's "roundings": "4" (AdaRound, as before TIAR) or "4-tiar"."""
+    return str(w_bits) if rounding == "adaround" else f"{w_bits}-{rounding.removeprefix('adaround-')}"
 
 
 def batch_fingerprint(setting_fp: str, plan: Plan, start: int, end: int) -> str:

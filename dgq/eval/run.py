@@ -21,6 +21,7 @@ from dgq.eval.plan import (
     done_batches,
     image_path,
     rank_from_env,
+    rounding_key,
     selected_metrics,
     setting_fingerprint,
     write_json,
@@ -112,11 +113,12 @@ def _plan_info(opts: Options, pipe, plan: Plan, settings: list[Setting], calib, 
         m = calib.meta
         info["calibration"] = {k: m.get(k) for k in ("steps", "guidance", "n_prompts", "prompts_sha", "sha256",
                                                      "seconds")}
-    ada_bits = sorted({s.config.w_bits for s in settings if not s.is_fp and s.config.weight_rounding == "adaround"})
-    if ada_bits:  # only then: the plans of runs without learned rounding stay as they were
+    learned = sorted({(s.config.w_bits, s.config.weight_rounding) for s in settings
+                      if not s.is_fp and s.config.weight_rounding != "nearest"})
+    if learned:  # only then: the plans of runs without learned rounding stay as they were
         from dgq.studio import stored_rounding_identity  # noqa: PLC0415
 
-        info["roundings"] = {str(b): stored_rounding_identity(pipe, b) for b in ada_bits}
+        info["roundings"] = {rounding_key(b, r): stored_rounding_identity(pipe, b, r) for b, r in learned}
     return info
 
 

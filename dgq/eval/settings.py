@@ -82,11 +82,11 @@ def canonical_spec(config: QuantConfig) -> str:
     """The spec `parse_setting` maps back to `config` (used for slugs and fingerprints)."""
     if isinstance(config, FPConfig):
         return "fp"
-    ada = ":adaround" if config.weight_rounding == "adaround" else ""
+    ada = "" if config.weight_rounding == "nearest" else f":{config.weight_rounding}"
     ada += ":execution=int8" if config.execution == "int8" else ""
     if isinstance(config, BaselineConfig):
-        if config.style.paper:  # AdaRound is part of the recipe, not an option
-            ada = ada.replace(":adaround", "")
+        if config.style.paper:  # AdaRound (with TIAR for TFMQ-DM) is part of the recipe, not an option
+            ada = ada.replace(f":{config.weight_rounding}", "")
         return f"{config.style.value}:W{config.w_bits}A{config.a_bits}{ada}"
     parts = [f"dgq:W{config.w_bits}A{config.a_bits}:K{config.groups}"]
     if not config.use_groups:
@@ -122,8 +122,8 @@ def parse_setting(text: str) -> Setting:
     rounding = "nearest"
     execution = "simulated"
     for tok in tokens[1:]:
-        if tok == "adaround":
-            rounding = "adaround"
+        if tok in ("adaround", "adaround-tiar"):
+            rounding = tok
         elif tok.startswith("execution="):
             execution = tok.split("=", 1)[1]
         elif m := re.fullmatch(r"w(\d+)a(\d+)", tok):
