@@ -27,3 +27,17 @@ def test_a_missing_setting_is_an_error_naming_it():
         RT.tables(results, "bars")
     with pytest.raises(ValueError, match="layout"):
         RT.tables(results, "other")
+
+
+def test_merge_adds_the_settings_of_a_run_of_the_same_plan_only():
+    results = json.loads(RESULTS.read_text())
+    extra = {"plan": dict(results["plan"]), "complete": True,
+             "settings": [dict(results["settings"][1], setting="qdiff-paper:W8A8", label="Q-Diffusion (paper recipe) W8A8")]}
+    merged = RT.merge(results, [extra])
+    assert [s["setting"] for s in merged["settings"]][-1] == "qdiff-paper:W8A8"
+    assert len(results["settings"]) + 1 == len(merged["settings"])  # the input is not changed
+    with pytest.raises(SystemExit, match="paper-recipe settings"):  # once one paper row is there, all must be
+        RT.tables(merged, "bars")
+    other = dict(extra, plan=dict(results["plan"], steps=10))
+    with pytest.raises(SystemExit, match="steps"):
+        RT.merge(results, [other])
