@@ -33,9 +33,15 @@ def studio(random_pipe, random_calib, tmp_path_factory):
     from dgq.paths import cache_dir
 
     cheap = AR.ReconSettings(iters=5, batch_size=2, samples=8, steps=2)
+    made = []
     for tiar in (False, True):  # qdiff-paper's AdaRound weights, tfmq-paper's (with TIAR)
-        R.reconstruct_cached(random_pipe, [W], replace(cheap, tiar=tiar), PROMPTS, folder=cache_dir() / "adaround")
-    return dgq.Studio(random_pipe, random_calib, range_cache=False)
+        [(_, path, _)] = R.reconstruct_cached(random_pipe, [W], replace(cheap, tiar=tiar), PROMPTS,
+                                              folder=cache_dir() / "adaround")
+        made.append(path)
+    yield dgq.Studio(random_pipe, random_calib, range_cache=False)
+    for path in made:  # the session cache is shared: other modules expect no rounding for this model
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
