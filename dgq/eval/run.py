@@ -308,8 +308,11 @@ def _learned_act_ranges(studio, settings: list[Setting]) -> dict[str, str]:
     for w, a in pairs:
         r = studio.act_ranges(w, a) if studio.load_rounding(w) else None
         if r is None:
-            raise ValueError(f"qdiff-paper:W{w}A{a} needs Q-Diffusion's learned step sizes: run `python -m dgq "
-                             f"reconstruct --model {studio.model_id} --method qdiff-paper --w-bits {w} --a-bits {a}`")
+            steps = (studio.calibration.meta or {}).get("steps")
+            raise ValueError(f"qdiff-paper:W{w}A{a} needs Q-Diffusion's step sizes learned on this run's calibration "
+                             f"({steps} steps): run `python -m dgq reconstruct --model {studio.model_id} --method "
+                             f"qdiff-paper --w-bits {w} --a-bits {a}` (it learns on the default 25-step calibration, "
+                             "so run the eval with --calib-steps 25)")
         out[f"W{w}A{a}"] = str(r.meta.get("sha256"))
     return out
 
