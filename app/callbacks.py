@@ -18,6 +18,7 @@ import numpy as np
 
 import dgq
 from dgq.bops import si
+from dgq.config import learns_step_sizes
 
 from app import constants as C
 from app import plots
@@ -100,15 +101,15 @@ def check_rounding(studio: Any, config: Any) -> None:
     """A learned rounding (and, for Q-Diffusion's paper recipe, learned step sizes) is offered
     where one is stored for the model's weights at that W (and A)."""
     name, w, a = config.weight_rounding, config.w_bits, config.a_bits
-    paper = str(getattr(getattr(config, "style", None), "value", ""))
-    field = "baseline" if paper.endswith("-paper") else "weight_rounding"
+    style = getattr(config, "style", None)
+    field = "baseline" if style is not None and style.paper else "weight_rounding"
     if name != "nearest" and not studio.has_rounding(w, name):
         have = [b for b in range(C.W_MIN, C.W_MAX + 1) if studio.has_rounding(b, name)]
         where = f"this model has one at W{', W'.join(map(str, have))}" if have else "this model has none"
         tiar = " --tiar" if name == "adaround-tiar" else ""
         raise input_error(field, f"no learned {name} weight rounding at w_bits={w}; {where}",
                           f"another setting, or W where `python -m dgq reconstruct --w-bits W{tiar}` has been run")
-    if paper == "qdiff-paper" and not studio.has_act_ranges(w, a):
+    if learns_step_sizes(config) and not studio.has_act_ranges(w, a):
         raise input_error("baseline", f"no learned Q-Diffusion step sizes at W{w}A{a} for this model",
                           "another baseline or bit-width, or run `python -m dgq reconstruct --method qdiff-paper "
                           f"--w-bits {w} --a-bits {a}`")

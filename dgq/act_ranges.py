@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dgq import stored
+from dgq.adaround import check_positive_ints
 from dgq.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,7 @@ class ActReconSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("iters", "batch_size", "samples", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("iters", "batch_size", "samples", "steps"))
         if not self.lr > 0 or not self.p > 0:
             raise ValueError("need lr > 0 and p > 0")
 

@@ -147,10 +147,7 @@ class ReconSettings:
     tiar: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("iters", "batch_size", "samples", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("iters", "batch_size", "samples", "steps"))
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup={self.warmup!r} must be in [0, 1)")
         if self.lr <= 0 or self.reg_weight < 0 or self.beta_end <= 0 or self.beta_start < self.beta_end:
@@ -167,6 +164,14 @@ class ReconSettings:
     def rounding(self) -> str:
         """The weight-rounding name the result serves (`QuantConfig.weight_rounding`)."""
         return "adaround-tiar" if self.tiar else "adaround"
+
+
+def check_positive_ints(settings: Any, names: tuple[str, ...]) -> None:
+    """ValueError unless each named field of a settings dataclass is a positive int (not a bool)."""
+    for name in names:
+        v = getattr(settings, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
 
 
 def rounding_name(meta: dict[str, Any]) -> str:

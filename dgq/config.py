@@ -233,6 +233,12 @@ QuantConfig = FPConfig | BaselineConfig | DGQConfig
 FP = FPConfig()
 
 
+def learns_step_sizes(config: Any) -> bool:
+    """Whether `config` runs on learned activation step sizes (`qdiff-paper`, `dgq.act_recon`),
+    which are stored per (W, A) and tied to the weights' rounding and the calibration."""
+    return isinstance(config, BaselineConfig) and config.style is BaselineStyle.QDIFF_PAPER
+
+
 # Method names (CLI, app, eval settings, saved dicts) -> (config type, fixed fields). A new method
 # adds its config class above, one line here, and its rules module in `dgq.methods`.
 METHODS: dict[str, tuple[type, dict[str, Any]]] = {

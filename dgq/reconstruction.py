@@ -320,19 +320,36 @@ def _learn_temporal(unet: nn.Module, layers: dict[str, nn.Module], ranges, bits:
     unit = Unit("temporal information block", unet.time_embedding, names)
     with torch.no_grad():
         target = run({}, torch.arange(len(steps))).cpu()
-    near = {ln: qweights[ln] for ln in names}
+    row = _learn_and_keep(unit, layers, ranges, bits, qweights, masks, target, settings, gen, run, t1)
+    return dict(row, timesteps=len(steps))
+
+
+def _learn_and_keep(unit: Unit, layers: dict[str, nn.Module], ranges, bits: int, qweights: dict[str, torch.Tensor],
+                    masks: dict[str, torch.Tensor], target: torch.Tensor, settings: AR.ReconSettings,
+                    gen: torch.Generator, run: Forward, t1: float) -> dict[str, Any]:
+    """Learn one unit's rounding, keep it in `masks`/`qweights` only if it lowers the unit's
+    output MSE against nearest (the guarantee on the printed figure), and return the report row."""
+    near = {ln: qweights[ln] for ln in unit.layers}
     before = _mse(unit, None, None, target, near, run)
     learned = learn_unit(unit, layers, ranges, bits, None, None, target, settings, gen, forward=run)
-    new = {ln: _dequant(layers[ln], learned[ln], *ranges[ln], bits) for ln in names}
+    new = {ln: _dequant(layers[ln], learned[ln], *ranges[ln], bits) for ln in unit.layers}
     after = _mse(unit, None, None, target, new, run)
     kept = after >= before
     if not kept:
-        for ln in names:
+        for ln in unit.layers:
             masks[ln], qweights[ln] = learned[ln], new[ln]
-    flipped = sum(int((learned[ln] != AR.nearest_mask(layers[ln].weight, ranges[ln][0]).cpu()).sum()) for ln in names)
-    return {"unit": unit.name, "layers": len(names), "weights": sum(layers[ln].weight.numel() for ln in names),
+    flipped = sum(int((learned[ln] != AR.nearest_mask(layers[ln].weight, ranges[ln][0]).cpu()).sum())
+                  for ln in unit.layers)
+    return {"unit": unit.name, "layers": len(unit.layers), "weights": sum(layers[ln].weight.numel() for ln in unit.layers),
             "mse_nearest": before, "mse_learned": after, "flipped": flipped, "kept_nearest": kept,
-            "timesteps": len(steps), "seconds": round(time.perf_counter() - t1, 2)}
+            "seconds": round(time.perf_counter() - t1, 2)}
+
+
+def _report(head: str, r: dict[str, Any]) -> str:
+    """One unit's printed line: its errors with nearest and learned rounding, and what flipped."""
+    change = (r["mse_learned"] / r["mse_nearest"] - 1) * 100 if r["mse_nearest"] > 0 else 0.0
+    return (f"{head} MSE nearest {r['mse_nearest']:.4e} -> learned {r['mse_learned']:.4e} ({change:+.1f} %)"
+            f"{' KEPT NEAREST' if r['kept_nearest'] else ''}, {r['flipped']}/{r['weights']} flipped, {r['seconds']:.1f}s")
 
 
 def _dequant(layer: nn.Module, mask: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -430,35 +447,17 @@ def _reconstruct(pipe, bits: int, settings: AR.ReconSettings, prompts: Sequence[
     if settings.tiar:  # TFMQ-DM: the temporal block first, as one unit; the blocks then keep its rounding
         rows.append(_learn_temporal(unet, layers, ranges, bits, qweights, masks, data, settings, gen))
         r = rows[-1]
-        say(f"[TIAR] {r['unit']} ({r['layers']} layers, {r['timesteps']} timesteps) MSE nearest {r['mse_nearest']:.4e} "
-            f"-> learned {r['mse_learned']:.4e} ({(r['mse_learned'] / r['mse_nearest'] - 1) * 100 if r['mse_nearest'] > 0 else 0.0:+.1f} %)"
-            f"{' KEPT NEAREST' if r['kept_nearest'] else ''}, {r['seconds']:.1f}s")
+        say(_report(f"[TIAR] {r['unit']} ({r['layers']} layers, {r['timesteps']} timesteps)", r))
         tib = set(temporal_layers(layers))
         plan = [u for u in (Unit(u.name, u.module, [ln for ln in u.layers if ln not in tib]) for u in plan) if u.layers]
     for i, unit in enumerate(plan):
         t1 = time.perf_counter()
         _, _, target = capture(unet, unit, data, None, with_output=True)
         args, kwargs, _ = capture(unet, unit, data, qweights, with_output=False)
-        near = {ln: qweights[ln] for ln in unit.layers}
         fixed = {ln: qweights[ln] for ln in layers if ln.startswith(unit.name + ".") and ln not in unit.layers}
         run = _runner(unit, args, kwargs, target.shape[0], fixed)
-        before = _mse(unit, args, kwargs, target, near, run)
-        learned = learn_unit(unit, layers, ranges, bits, args, kwargs, target, settings, gen, forward=run)
-        new = {ln: _dequant(layers[ln], learned[ln], *ranges[ln], bits) for ln in unit.layers}
-        after = _mse(unit, args, kwargs, target, new, run)
-        kept = after >= before
-        if not kept:
-            for ln in unit.layers:
-                masks[ln], qweights[ln] = learned[ln], new[ln]
-        flipped = sum(int((learned[ln] != AR.nearest_mask(layers[ln].weight, ranges[ln][0]).cpu()).sum())
-                      for ln in unit.layers)
-        n_w = sum(layers[ln].weight.numel() for ln in unit.layers)
-        rows.append({"unit": unit.name, "layers": len(unit.layers), "weights": n_w, "mse_nearest": before,
-                     "mse_learned": after, "flipped": flipped, "kept_nearest": kept,
-                     "seconds": round(time.perf_counter() - t1, 2)})
-        say(f"[{i + 1:2d}/{len(plan)}] {unit.name:55s} MSE nearest {before:.4e} -> learned {after:.4e} "
-            f"({(after / before - 1) * 100 if before > 0 else 0.0:+.1f} %){' KEPT NEAREST' if kept else ''}, "
-            f"{flipped}/{n_w} flipped, {rows[-1]['seconds']:.1f}s")
+        rows.append(_learn_and_keep(unit, layers, ranges, bits, qweights, masks, target, settings, gen, run, t1))
+        say(_report(f"[{i + 1:2d}/{len(plan)}] {unit.name:55s}", rows[-1]))
     seconds = round(time.perf_counter() - t0, 1)
     meta = {"model": setup["model"], "weights": setup["weights"], "settings": settings.to_dict(),
             "settings_key": setup["key"], "guidance": setup["guidance"], "prompts_sha": setup["prompts_sha"],

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from dgq.calibration import Calibration, CalibrationMismatch, StatsCollector, prompts_hash
-from dgq.config import FP, BaselineStyle, FPConfig, QuantConfig
+from dgq.config import FP, FPConfig, QuantConfig, learns_step_sizes
 from dgq.context import Perturbation, RunContext, pending_recorder, use
 from dgq.fingerprint import weights_fingerprint
 from dgq.loading import SD_GUIDANCE, default_guidance, is_embedded
@@ -396,7 +396,7 @@ class Studio:
         if self._splits is None:
             self._splits = split_points(self.pipe.unet)
         ranges = None
-        if style is BaselineStyle.QDIFF_PAPER and config.a_bits < 16:
+        if learns_step_sizes(config) and config.a_bits < 16:
             ranges = self.act_ranges(config.w_bits, config.a_bits)
             if ranges is None:
                 raise RuntimeError(

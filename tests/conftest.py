@@ -39,3 +39,20 @@ def random_studio(random_pipe, random_calib):
     import dgq
 
     return dgq.Studio(random_pipe, random_calib)
+
+
+@pytest.fixture
+def unet_call():
+    """`call(unet, handles, timestep)`: one no-grad UNet call on random inputs (16×16 latent, 77
+    random text states), then every hook in `handles` removed, whatever happened."""
+
+    def call(unet, handles, timestep: int) -> None:
+        try:
+            with torch.no_grad():
+                unet(torch.randn(1, unet.config.in_channels, 16, 16), torch.tensor([timestep]),
+                     encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
+        finally:
+            for h in handles:
+                h.remove()
+
+    return call

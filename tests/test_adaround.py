@@ -233,7 +233,7 @@ def test_statistics_from_the_quantized_network(random_pipe, tmp_path):
 
 
 # ----------------------------------------------------------------------------- TIAR (TFMQ-DM)
-def test_temporal_forward_is_what_the_unet_feeds_each_resnet(random_pipe):
+def test_temporal_forward_is_what_the_unet_feeds_each_resnet(random_pipe, unet_call):
     from dgq.modules import quantize_, quantized_layers
 
     unet = random_pipe.unet
@@ -244,14 +244,8 @@ def test_temporal_forward_is_what_the_unet_feeds_each_resnet(random_pipe):
     assert names[:2] == ["time_embedding.linear_1", "time_embedding.linear_2"] and projs
     got = {}
     mods = dict(unet.named_modules())
-    handles = [mods[p].register_forward_hook(lambda _m, _a, out, p=p: got.__setitem__(p, out)) for p in projs]
-    try:
-        with torch.no_grad():
-            unet(torch.randn(1, unet.config.in_channels, 16, 16), torch.tensor([321]),
-                 encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
-    finally:
-        for h in handles:
-            h.remove()
+    unet_call(unet, [mods[p].register_forward_hook(lambda _m, _a, out, p=p: got.__setitem__(p, out)) for p in projs],
+              321)
     run = R.temporal_forward(unet, names, unet.time_proj(torch.tensor([321])))
     with torch.no_grad():
         out = run({}, torch.tensor([0]))

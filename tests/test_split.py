@@ -12,7 +12,7 @@ from dgq.quantizer import QuantParams, apply_act
 from dgq.split import half_ranges, split_labels, split_points
 
 
-def test_split_points_are_where_the_skip_connection_is_concatenated(random_pipe):
+def test_split_points_are_where_the_skip_connection_is_concatenated(random_pipe, unet_call):
     unet = random_pipe.unet
     splits = split_points(unet)
     assert splits and all(k.startswith("up_blocks.") and k.endswith("conv_shortcut") for k in splits)
@@ -26,13 +26,7 @@ def test_split_points_are_where_the_skip_connection_is_concatenated(random_pipe)
             def on_res(_m, args, kwargs, b=b, i=i):
                 seen[f"up_blocks.{b}.resnets.{i}.conv_shortcut"] = args[0] if args else kwargs["input_tensor"]
             handles.append(res.register_forward_pre_hook(on_res, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            unet(torch.randn(1, unet.config.in_channels, 16, 16), torch.tensor([10]),
-                 encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim))
-    finally:
-        for h in handles:
-            h.remove()
+    unet_call(unet, handles, 10)
     for site, split in splits.items():
         b, i = int(site.split(".")[1]), int(site.split(".")[3])
         x = seen[site]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from dgq.config import learns_step_sizes
 from dgq.eval.settings import DEFAULT_SEED, DEFAULT_SETTINGS, METRIC_NAMES, SD_METRICS, SHAPES_METRICS, Setting
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def setting_fingerprint(plan_info: dict[str, Any], setting: Setting) -> str:
         if setting.config.weight_rounding != "nearest":  # which learned rounding made the images
             key = rounding_key(setting.config.w_bits, setting.config.weight_rounding)
             d["rounding"] = (plan_info.get("roundings") or {}).get(key)
-        if getattr(getattr(setting.config, "style", None), "value", None) == "qdiff-paper":  # and which step sizes
+        if learns_step_sizes(setting.config):  # and which step sizes
             d["act_ranges"] = (plan_info.get("act_ranges") or {}).get(f"W{setting.config.w_bits}A{setting.config.a_bits}")
     return digest(d)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from dgq.cli_common import CliError
 from dgq.cli_common import save_png as _save_png
+from dgq.config import learns_step_sizes
 from dgq.eval.plan import (
     Options,
     Plan,
@@ -302,11 +303,10 @@ def _run(opts: Options, started: float) -> dict[str, Any] | None:
 def _learned_act_ranges(studio, settings: list[Setting]) -> dict[str, str]:
     """{"W4A6": checksum} of the learned step sizes each `qdiff-paper` setting uses; a clear error
     naming the command when one is not stored (before any image is made)."""
-    pairs = sorted({(s.config.w_bits, s.config.a_bits) for s in settings
-                    if getattr(getattr(s.config, "style", None), "value", None) == "qdiff-paper"})
+    pairs = sorted({(s.config.w_bits, s.config.a_bits) for s in settings if learns_step_sizes(s.config)})
     out: dict[str, str] = {}
     for w, a in pairs:
-        r = studio.act_ranges(w, a) if studio.load_rounding(w) else None
+        r = studio.act_ranges(w, a)
         if r is None:
             steps = (studio.calibration.meta or {}).get("steps")
             raise ValueError(f"qdiff-paper:W{w}A{a} needs Q-Diffusion's step sizes learned on this run's calibration "

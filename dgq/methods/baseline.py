@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from dgq import primitives as P
-from dgq.config import BaselineConfig, BaselineStyle, ScaleScope
+from dgq.config import BaselineConfig, ScaleScope, learns_step_sizes
 from dgq.methods import register
 from dgq.methods.base import MethodInputs, MethodRules, ProbQuant
 from dgq.split import half_ranges, split_labels
@@ -32,12 +32,12 @@ class BaselineRules(MethodRules):
         return config.style.one_range
 
     def acts_depend_on_weights(self, config: BaselineConfig) -> bool:
-        return config.style is BaselineStyle.QDIFF_PAPER
+        return learns_step_sizes(config)
 
     def fixed_act(self, config: BaselineConfig, calib: Any, site: str, t_keys: list[int], bits: int,
                   inputs: MethodInputs) -> dict[int, tuple[str, Any, Any, Any]] | None:
         split = inputs.splits.get(site) if config.style.paper else None
-        if config.style is BaselineStyle.QDIFF_PAPER:
+        if learns_step_sizes(config):
             learned = inputs.act_ranges
             if learned is None or (learned.w_bits, learned.a_bits) != (config.w_bits, bits):
                 raise RuntimeError(f"{config.label()}: no learned step sizes at W{config.w_bits}A{bits} are loaded")
