@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dgq.similarity import paired_cosines
 from dgq.tiny.evaluator import Evaluator, load_evaluator, to_tensor_batch, to_uint8_batch
 
 log = logging.getLogger("dgq.metrics")
@@ -418,16 +419,14 @@ class ClipScorer:
 
         arr = to_uint8_batch(images)
         prompts = list(prompts)
-        if len(prompts) != len(arr):
-            raise ValueError(f"{len(arr)} images but {len(prompts)} prompts")
-        out = []
-        for i in range(0, len(arr), self.batch_size):
-            pix = torch.stack([self.preprocess(Image.fromarray(a)) for a in arr[i:i + self.batch_size]]).to(self.device)
-            tok = self.tokenizer(prompts[i:i + self.batch_size]).to(self.device)
-            img = F.normalize(self.model.encode_image(pix).float(), dim=-1)
-            txt = F.normalize(self.model.encode_text(tok).float(), dim=-1)
-            out.append((img * txt).sum(-1).clamp(-1, 1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+
+        def embed(chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            pix = torch.stack([self.preprocess(Image.fromarray(a)) for a in arr[chunk]]).to(self.device)
+            tok = self.tokenizer(prompts[chunk]).to(self.device)
+            return (F.normalize(self.model.encode_image(pix).float(), dim=-1),
+                    F.normalize(self.model.encode_text(tok).float(), dim=-1))
+
+        return paired_cosines(len(arr), prompts, self.batch_size, embed)
 
     def score(self, images: Any, prompts: Sequence[str]) -> float:
         """Mean cosine similarity (CLIP score on the 0–1 scale, not ×100)."""

@@ -314,16 +314,12 @@ class DomainClipScorer:
         return F.normalize(_features(self.model.get_image_features(pixel_values=x)), dim=-1)
 
     def similarities(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
+        from dgq.similarity import paired_cosines  # noqa: PLC0415
+
         prompts = list(prompts)
         x = pixels(images)
-        if len(prompts) != len(x):
-            raise ValueError(f"{len(x)} images but {len(prompts)} prompts")
-        out = []
-        for i in range(0, len(x), self.batch_size):
-            img = self.embed_images(x[i:i + self.batch_size])
-            txt = self.embed_text(prompts[i:i + self.batch_size])
-            out.append((img * txt).sum(-1).clamp(-1, 1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+        return paired_cosines(len(x), prompts, self.batch_size,
+                              lambda chunk: (self.embed_images(x[chunk]), self.embed_text(prompts[chunk])))
 
     def score(self, images: Any, prompts: Sequence[str]) -> float:
         return float(np.mean(self.similarities(images, prompts)))
