@@ -134,3 +134,21 @@ def test_train_smoke_writes_loadable_fp16_safetensors(tmp_path: Path) -> None:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     ev = load_evaluator(tmp_path / "evaluator.safetensors")
     assert len(ev.predict(R.sample(1)[2])) == 1
+
+
+def test_judge_is_score_per_image(ev: Evaluator) -> None:
+    items = [R.sample(60_400_000 + i) for i in range(24)]
+    imgs = [img for _, _, img in items]
+    prompts = [cap for _, cap, _ in items]
+    prompts[3] = "a photo of a cat"
+    imgs[5] = R.sample(60_400_999)[2]  # another scene: its verdict is (most likely) a miss
+    judged = ev.judge(imgs, prompts)
+    s = ev.score(imgs, prompts)
+    assert judged[3] is None and s["n_unparsed"] == 1
+    kept = [j for j in judged if j is not None]
+    for key in ("all", "count", "background"):
+        assert s[key] == pytest.approx(np.mean([j[key] for j in kept]))
+    singles = [j for j in kept if "single_all" in j]
+    assert len(singles) == s["n_single"] and s["single_color"] == pytest.approx(np.mean([j["single_color"] for j in singles]))
+    with pytest.raises(ValueError, match="images but"):
+        ev.judge(imgs[:2], prompts)

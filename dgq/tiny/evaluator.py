@@ -306,6 +306,45 @@ class Evaluator:
         """Penultimate-layer features (N, feature_dim) float64, for the domain FID."""
         return self._run(images)[1].astype(np.float64)
 
+    def judge(self, images: Any, prompts: Sequence[str]) -> list[dict[str, bool] | None]:
+        """Per image, which of its prompt's asks it meets: ``{key: bool}`` with the keys of `score`
+        that apply to the prompt's kind (``single_*`` or ``pair_*``, plus ``count``,
+        ``background``, ``all``); None for a prompt outside the grammar. Why per image: paired
+        comparisons (a quantized image against the FP image of the same seed) need the verdicts
+        themselves, not their means.
+        """
+        prompts = list(prompts)
+        p = self.predict_indices(images)
+        if len(prompts) != len(p["count"]):
+            raise ValueError(f"{len(p['count'])} images but {len(prompts)} prompts")
+        out: list[dict[str, bool] | None] = []
+        for i, prompt in enumerate(prompts):
+            try:
+                scene = R.parse_caption(prompt)
+            except ValueError:
+                out.append(None)
+                continue
+            got = {k: int(v[i]) for k, v in p.items()}
+            want = scene_labels(scene)
+            count_ok = got["count"] == want["count"]
+            bg_ok = got["background"] == want["background"]
+            hits: dict[str, bool] = {}
+            if want["count"] == 0:
+                attrs = {k: count_ok and got[k] == want[k] for k in SINGLE_HEADS}
+                hits.update({f"single_{k}": ok for k, ok in attrs.items()})
+                every = count_ok and bg_ok and all(attrs.values())
+                hits.update(single_count=count_ok, single_background=bg_ok, single_all=every)
+            else:
+                colors = count_ok and got["color0"] == want["color0"] and got["color1"] == want["color1"]
+                shapes = count_ok and got["shape0"] == want["shape0"] and got["shape1"] == want["shape1"]
+                rel = count_ok and got["relation"] == want["relation"]
+                every = count_ok and bg_ok and colors and shapes and rel
+                hits.update(pair_count=count_ok, pair_colors=colors, pair_shapes=shapes, pair_relation=rel,
+                            pair_background=bg_ok, pair_all=every)
+            hits.update(count=count_ok, background=bg_ok, all=every)
+            out.append({k: bool(v) for k, v in hits.items()})
+        return out
+
     def score(self, images: Any, prompts: Sequence[str]) -> dict[str, float | int | None]:
         """Per-attribute accuracy of `images` against what each prompt asks.
 
@@ -323,54 +362,16 @@ class Evaluator:
         heads of the other count are untrained on such images). An accuracy with no prompts of its
         kind is ``None``.
         """
-        prompts = list(prompts)
-        p = self.predict_indices(images)
-        if len(prompts) != len(p["count"]):
-            raise ValueError(f"{len(p['count'])} images but {len(prompts)} prompts")
+        judged = self.judge(images, prompts)
         hits: dict[str, list[bool]] = {}
-
-        def add(key: str, ok: bool) -> None:
-            hits.setdefault(key, []).append(bool(ok))
-
-        n_unparsed = 0
-        for i, prompt in enumerate(prompts):
-            try:
-                scene = R.parse_caption(prompt)
-            except ValueError:
-                n_unparsed += 1
-                continue
-            got = {k: int(v[i]) for k, v in p.items()}
-            want = scene_labels(scene)
-            count_ok = got["count"] == want["count"]
-            bg_ok = got["background"] == want["background"]
-            if want["count"] == 0:
-                attrs = {k: count_ok and got[k] == want[k] for k in SINGLE_HEADS}
-                for k, ok in attrs.items():
-                    add(f"single_{k}", ok)
-                add("single_count", count_ok)
-                add("single_background", bg_ok)
-                add("single_all", count_ok and bg_ok and all(attrs.values()))
-                every = count_ok and bg_ok and all(attrs.values())
-            else:
-                colors = count_ok and got["color0"] == want["color0"] and got["color1"] == want["color1"]
-                shapes = count_ok and got["shape0"] == want["shape0"] and got["shape1"] == want["shape1"]
-                rel = count_ok and got["relation"] == want["relation"]
-                add("pair_count", count_ok)
-                add("pair_colors", colors)
-                add("pair_shapes", shapes)
-                add("pair_relation", rel)
-                add("pair_background", bg_ok)
-                every = count_ok and bg_ok and colors and shapes and rel
-                add("pair_all", every)
-            add("count", count_ok)
-            add("background", bg_ok)
-            add("all", every)
-
+        for j in judged:
+            for k, ok in (j or {}).items():
+                hits.setdefault(k, []).append(ok)
         keys = ["count", "background", "all"] + [f"single_{k}" for k in
                                                   ("count", *SINGLE_HEADS, "background", "all")] + [
             f"pair_{k}" for k in ("count", "colors", "shapes", "relation", "background", "all")]
         out: dict[str, float | int | None] = {
-            "n": len(prompts), "n_unparsed": n_unparsed,
+            "n": len(judged), "n_unparsed": sum(j is None for j in judged),
             "n_single": len(hits.get("single_count", [])), "n_pair": len(hits.get("pair_count", [])),
         }
         for k in keys:

@@ -1,0 +1,173 @@
+"""How close each quantized setting stays to FP on what the images show, measured per image.
+
+An alignment score is a mean over prompts: two settings can score the same while getting different
+prompts right, and at 200 prompts its noise (about ±3.5 points) hides differences of a few points.
+"Closer to FP" is a paired question, so this script answers it per image, on the same seeds:
+
+* ``same_reading``: the share of images that the shapes evaluator reads as the same scene as the FP
+  image of the same seed (count, background, and every object attribute: `Evaluator.predict`);
+* ``verdict_agree``: the share whose prompt verdict (meets every ask or not) equals FP's, with
+  ``lost`` (FP right, quantized wrong) and ``gained`` (the reverse);
+* ``psnr``: mean PSNR against the FP image.
+
+``--pair A:B`` compares two settings image by image: the difference of their ``same_reading`` and of
+their PSNR with a paired bootstrap 95 % interval (resampling prompts), and an exact two-sided sign
+test on the images where exactly one of the two reads as FP does.
+
+    python -m benchmarks.fp_agreement --run runs/results/bars \\
+        --settings dgq-w4a6-k16,dgq-w4a6-k16-adaround --pair dgq-w4a6-k16-adaround:dgq-w4a6-k16
+
+A setting is a folder of the run, or a path to another run's folder made with the same prompts,
+seeds and model (its images are then compared with this run's FP images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def _images(folder: Path, n: int) -> list[Image.Image]:
+    paths = [folder / f"{i:05d}.png" for i in range(n)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {n} images missing in {folder} (e.g. {missing[0].name})")
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def sign_test(k: int, n: int) -> float:
+    """Exact two-sided binomial test of k successes in n trials at p = 1/2."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_ci(diff: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean of paired per-image differences (prompts resampled)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(reps, len(diff)))
+    means = diff[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def per_image(ev, images: list[Image.Image], prompts: list[str], fp: dict[str, Any]) -> dict[str, Any]:
+    """Per-image verdicts, readings and PSNR of one setting against the FP images."""
+    from dgq import metrics as M  # noqa: PLC0415
+    from dgq.tiny.evaluator import to_uint8_batch  # noqa: PLC0415
+
+    judged = ev.judge(images, prompts)
+    reading = ev.predict(images)
+    ok = np.array([bool(j and j["all"]) for j in judged])
+    same = np.array([a == b for a, b in zip(reading, fp["reading"])]) if "reading" in fp else None
+    out: dict[str, Any] = {"ok": ok, "reading": reading, "same": same}
+    if "pixels" in fp:
+        out["psnr"] = np.asarray(M.psnr(to_uint8_batch(images), fp["pixels"], reduction="none"), dtype=np.float64)
+    return out
+
+
+def summary(name: str, s: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
+    psnr = s["psnr"]
+    finite = psnr[np.isfinite(psnr)]
+    return {"setting": name, "n": int(len(s["ok"])), "align": float(s["ok"].mean()),
+            "same_reading": float(s["same"].mean()), "verdict_agree": float((s["ok"] == fp["ok"]).mean()),
+            "lost": int((fp["ok"] & ~s["ok"]).sum()), "gained": int((~fp["ok"] & s["ok"]).sum()),
+            "psnr": float(finite.mean()) if len(finite) else float("inf")}
+
+
+def compare(a: str, b: str, sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
+    d_same = sa["same"].astype(np.float64) - sb["same"].astype(np.float64)
+    only_a = int((sa["same"] & ~sb["same"]).sum())
+    only_b = int((~sa["same"] & sb["same"]).sum())
+    pa, pb = sa["psnr"], sb["psnr"]
+    keep = np.isfinite(pa) & np.isfinite(pb)
+    d_psnr = pa[keep] - pb[keep]
+    return {"a": a, "b": b,
+            "same_reading_diff": float(d_same.mean()), "same_reading_ci95": bootstrap_ci(d_same),
+            "only_a_reads_as_fp": only_a, "only_b_reads_as_fp": only_b,
+            "sign_test_p": sign_test(only_a, only_a + only_b),
+            "psnr_diff": float(d_psnr.mean()), "psnr_ci95": bootstrap_ci(d_psnr), "psnr_n": int(keep.sum())}
+
+
+def _resolve(run: Path, spec: str) -> tuple[str, Path]:
+    p = Path(spec)
+    if (run / spec).is_dir():
+        return spec, run / spec
+    if p.is_dir():
+        return f"{p.parent.name}/{p.name}", p
+    raise FileNotFoundError(f"setting {spec!r}: no folder {run / spec} and no folder {p}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default="runs/results/bars", help="a finished `dgq eval` output folder with an fp/ folder")
+    ap.add_argument("--settings", default="", help="comma-separated folders (default: every folder of the run but fp)")
+    ap.add_argument("--pair", action="append", default=[], metavar="A:B", help="compare two of the settings")
+    ap.add_argument("--limit", type=int, default=0, help="first N images only")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    a = ap.parse_args(argv)
+
+    from dgq.tiny.evaluator import load_evaluator, to_uint8_batch  # noqa: PLC0415
+
+    run = Path(a.run)
+    try:
+        prompts = json.loads((run / "prompts.json").read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: {run} is not a finished eval run (prompts.json: {e})", file=sys.stderr)
+        return 2
+    n = min(a.limit, len(prompts)) if a.limit else len(prompts)
+    prompts = prompts[:n]
+    specs = [s for s in a.settings.split(",") if s] or sorted(
+        d.name for d in run.iterdir() if d.is_dir() and d.name != "fp" and (d / "00000.png").is_file())
+    pairs = []
+    for p in a.pair:
+        if p.count(":") != 1 or not all(p.split(":")):
+            print(f"error: --pair {p!r} must be A:B", file=sys.stderr)
+            return 2
+        pairs.append(tuple(p.split(":")))
+    try:
+        folders = dict(_resolve(run, s) for s in specs)
+        for x, y in pairs:
+            for s in (x, y):
+                if s not in folders:
+                    folders.update([_resolve(run, s)])
+        fp_images = _images(run / "fp", n)
+        ev = load_evaluator()
+        fp = {"pixels": to_uint8_batch(fp_images), "reading": ev.predict(fp_images)}
+        fp.update(ok=np.array([bool(j and j["all"]) for j in ev.judge(fp_images, prompts)]))
+        per = {name: per_image(ev, _images(folder, n), prompts, fp) for name, folder in folders.items()}
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    rows = [summary(name, per[name], fp) for name in folders]
+    print(f"{n} images, FP align {fp['ok'].mean():.3f}  ({run})")
+    print(f"{'setting':44s} {'align':>6s} {'same reading':>12s} {'verdict agree':>13s} {'lost':>5s} "
+          f"{'gained':>6s} {'PSNR':>7s}")
+    for r in rows:
+        print(f"{r['setting']:44s} {r['align']:6.3f} {r['same_reading']:12.3f} {r['verdict_agree']:13.3f} "
+              f"{r['lost']:5d} {r['gained']:6d} {r['psnr']:7.2f}")
+    cmp = [compare(x, y, per[x], per[y]) for x, y in pairs]
+    for c in cmp:
+        lo, hi = c["same_reading_ci95"]
+        plo, phi = c["psnr_ci95"]
+        print(f"{c['a']} vs {c['b']}: same reading {c['same_reading_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
+              f"reads as FP only in A {c['only_a_reads_as_fp']} / only in B {c['only_b_reads_as_fp']} "
+              f"(sign test p = {c['sign_test_p']:.3f}); PSNR {c['psnr_diff']:+.2f} dB [{plo:+.2f}, {phi:+.2f}]")
+    if a.json:
+        from dgq.eval.plan import write_json  # noqa: PLC0415 - atomic
+
+        write_json(Path(a.json), {"run": str(run), "n": n, "fp_align": float(fp["ok"].mean()),
+                                  "settings": rows, "pairs": cmp})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""benchmarks/fp_agreement.py: per-image closeness to FP on what the evaluator reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dgq.tiny import render as R
+
+from benchmarks import fp_agreement as FA
+
+
+def test_sign_test_is_exact_and_two_sided() -> None:
+    assert FA.sign_test(0, 0) == 1.0
+    assert FA.sign_test(5, 10) == 1.0
+    assert FA.sign_test(0, 5) == pytest.approx(2 / 32)
+    assert FA.sign_test(5, 5) == pytest.approx(2 / 32)
+    assert FA.sign_test(2, 10) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+def test_bootstrap_interval_holds_the_mean_and_is_reproducible() -> None:
+    d = np.r_[np.ones(30), np.zeros(50), -np.ones(20)]
+    lo, hi = FA.bootstrap_ci(d)
+    assert lo < d.mean() < hi and hi - lo < 0.4
+    assert FA.bootstrap_ci(d) == (lo, hi)
+    assert FA.bootstrap_ci(np.zeros(10)) == (0.0, 0.0)
+
+
+def _run(tmp_path: Path, n: int = 12) -> tuple[Path, list[R.Scene]]:
+    run = tmp_path / "run"
+    scenes, prompts = [], []
+    for i in range(n):
+        scene, cap, img = R.sample(60_500_000 + i)
+        scenes.append(scene)
+        prompts.append(cap)
+        for d in ("fp", "copy"):
+            (run / d).mkdir(parents=True, exist_ok=True)
+            img.save(run / d / f"{i:05d}.png")
+    (run / "prompts.json").write_text(json.dumps(prompts))
+    return run, scenes
+
+
+def image_of(scene: R.Scene, recolour: bool):
+    """The scene's render, or (`recolour`) the render of the same scene with other object colours."""
+    if recolour:
+        names = list(R.COLORS)
+        objs = tuple(R.Obj(names[(names.index(o.color) + 3) % len(names)], o.shape, o.size, o.position)
+                     for o in scene.objects)
+        scene = R.Scene(objs, scene.background, scene.relation, scene.jitter)
+    return R.render(scene)
+
+
+def test_copies_read_as_fp_and_changed_scenes_do_not(tmp_path: Path, capsys) -> None:
+    torch.set_num_threads(1)
+    run, scenes = _run(tmp_path)
+    # "swap": the first 4 images show another scene (a different colour), the rest are FP's
+    (run / "swap").mkdir()
+    for i, scene in enumerate(scenes):
+        img = image_of(scene, recolour=i < 4)
+        img.save(run / "swap" / f"{i:05d}.png")
+    out = tmp_path / "agree.json"
+    assert FA.main(["--run", str(run), "--settings", "copy,swap", "--pair", "copy:swap", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    rows = {r["setting"]: r for r in got["settings"]}
+    assert rows["copy"]["same_reading"] == 1.0 and rows["copy"]["verdict_agree"] == 1.0
+    assert rows["copy"]["psnr"] == float("inf")
+    assert rows["swap"]["same_reading"] <= 8 / 12 + 1e-9
+    (pair,) = got["pairs"]
+    assert pair["only_b_reads_as_fp"] == 0 and pair["only_a_reads_as_fp"] >= 4
+    assert pair["same_reading_diff"] == pytest.approx(1 - rows["swap"]["same_reading"])
+    assert "copy vs swap" in capsys.readouterr().out
+
+
+def test_missing_images_and_bad_pairs_are_clear_errors(tmp_path: Path, capsys) -> None:
+    run, _ = _run(tmp_path, n=3)
+    (run / "copy" / "00001.png").unlink()
+    assert FA.main(["--run", str(run), "--settings", "copy"]) == 2
+    assert "1 of 3 images missing" in capsys.readouterr().err
+    assert FA.main(["--run", str(run), "--settings", "fp", "--pair", "copy"]) == 2
+    assert "must be A:B" in capsys.readouterr().err
+    assert FA.main(["--run", str(tmp_path / "nowhere")]) == 2
+    assert "not a finished eval run" in capsys.readouterr().err
