@@ -146,12 +146,9 @@ class Engine:
         self._results_lock = threading.Lock()
         self._inflight: dict[tuple, threading.Lock] = {}
         self._scorer_lock = threading.Lock()
-        self._evaluator: Any = None
-        self._evaluator_reason: str | None = None
-        self._clip: Any = None
-        self._clip_reason: str | None = None
-        self._domain_clip: Any = None
-        self._domain_clip_reason: str | None = None
+        self._evaluator = _LazyScorer(_load_shapes_evaluator, self._scorer_lock)
+        self._clip = _LazyScorer(_load_sd_clip, self._scorer_lock)
+        self._domain_clip = _LazyScorer(_load_domain_clip, self._scorer_lock)
         self.stats = {"generated": 0, "cache_hits": 0, "calibrations": 0}
 
     # ------------------------------------------------------------------ models
@@ -375,9 +372,9 @@ class Engine:
         """Prompt alignment: the embedded evaluator's accuracy for shapes-domain models, the CLIP
         score for SD models, or an "unavailable: …" string saying why not."""
         if lm.domain:
-            ev = self._load_evaluator()
+            ev = self._evaluator.get()
             if ev is None:
-                return self._evaluator_reason or "unavailable: evaluator not loaded", {}
+                return self._evaluator.reason, {}
             with self._scorer_lock:
                 s = ev.score([image], [prompt])
             if s.get("n_unparsed"):
@@ -385,45 +382,55 @@ class Engine:
                         "(colour, shape, size, position, background)"), {}
             detail = {k: v for k, v in s.items() if v is not None and not k.startswith("n")
                       and k not in ("count", "background", "all")}
-            clip = self._load_clip(domain=True)
+            clip = self._domain_clip.get()
             if clip is not None:
                 with self._scorer_lock:
                     detail["clip_score"] = round(float(clip.score([image], [prompt])), 4)
             return float(s["all"]), detail
-        clip = self._load_clip()
+        clip = self._clip.get()
         if clip is None:
-            return self._clip_reason or "unavailable: CLIP not loaded", {}
+            return self._clip.reason, {}
         with self._scorer_lock:
             return round(float(clip.score([image], [prompt])), 4), {"model": clip.description}
 
-    def _load_evaluator(self):
-        with self._scorer_lock:
-            if self._evaluator is None and self._evaluator_reason is None:
-                from dgq.eval.scoring import load_shapes_evaluator  # noqa: PLC0415 - loaded on first use
 
-                self._evaluator, reason = load_shapes_evaluator()
-                if self._evaluator is None:
-                    self._evaluator_reason = reason
-            return self._evaluator
+class _LazyScorer:
+    """A scorer loaded on first use under the engine's scorer lock; a failed load is remembered with
+    its reason and not retried (each retry would cost the user a second of loading per image)."""
 
-    def _load_clip(self, domain: bool = False):
-        """The CLIP scorer of SD models, or (`domain`) the domain CLIP of shapes-domain models."""
-        with self._scorer_lock:
-            if domain:
-                if self._domain_clip is None and self._domain_clip_reason is None:
-                    from dgq.eval.scoring import load_domain_clip_scorer  # noqa: PLC0415 - loaded on first use
+    def __init__(self, load: Callable[[], tuple[Any | None, str]], lock: threading.Lock) -> None:
+        self._load, self._lock = load, lock
+        self._tried, self._value = False, None
+        self.reason = "unavailable: not loaded yet"
 
-                    self._domain_clip, self._domain_clip_reason = load_domain_clip_scorer()
-                    if self._domain_clip is not None:
-                        self._domain_clip_reason = None
-                return self._domain_clip
-            if self._clip is None and self._clip_reason is None:
-                from dgq.eval.scoring import load_clip  # noqa: PLC0415 - loaded on first use
+    def get(self) -> Any | None:
+        with self._lock:
+            if not self._tried:
+                self._value, msg = self._load()
+                self._tried = True
+                if self._value is None:
+                    self.reason = msg
+            return self._value
 
-                self._clip, reason = load_clip(C.CLIP_MODEL, C.CLIP_PRETRAINED, C.CLIP_WEIGHTS)
-                if self._clip is None:
-                    self._clip_reason = reason
-            return self._clip
+
+def _load_shapes_evaluator() -> tuple[Any | None, str]:
+    from dgq.eval.scoring import load_shapes_evaluator  # noqa: PLC0415 - loaded on first use
+
+    return load_shapes_evaluator()
+
+
+def _load_sd_clip() -> tuple[Any | None, str]:
+    """The CLIP scorer of SD models."""
+    from dgq.eval.scoring import load_clip  # noqa: PLC0415 - loaded on first use
+
+    return load_clip(C.CLIP_MODEL, C.CLIP_PRETRAINED, C.CLIP_WEIGHTS)
+
+
+def _load_domain_clip() -> tuple[Any | None, str]:
+    """The domain CLIP of shapes-domain models."""
+    from dgq.eval.scoring import load_domain_clip_scorer  # noqa: PLC0415 - loaded on first use
+
+    return load_domain_clip_scorer()
 
 
 def _psnr_shown(x: float) -> float | str:

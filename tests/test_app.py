@@ -223,3 +223,21 @@ def test_execution_and_weight_rounding_toggles(cb):
         user_errors(cb.generate)(PROMPT, 1, 2, 7.5, "", 4, 6, 16, "tfmq-paper", progress=_quiet)
     with pytest.raises(gr.Error, match="baseline: no learned adaround weight rounding at w_bits=4"):
         user_errors(cb.generate)(PROMPT, 1, 2, 7.5, "", 4, 6, 16, "qdiff-paper", progress=_quiet)
+
+
+def test_a_scorer_is_loaded_once_and_a_failed_load_keeps_its_reason():
+    import threading
+
+    from app.engine import _LazyScorer
+
+    calls = []
+
+    def failing():
+        calls.append("f")
+        return None, "unavailable: no weights at /nowhere"
+
+    lazy = _LazyScorer(failing, threading.Lock())
+    assert lazy.get() is None and lazy.get() is None
+    assert lazy.reason == "unavailable: no weights at /nowhere" and calls == ["f"]
+    ok = _LazyScorer(lambda: (calls.append("ok") or "scorer", "loaded"), threading.Lock())
+    assert ok.get() == "scorer" and ok.get() == "scorer" and calls == ["f", "ok"]

@@ -79,31 +79,26 @@ class Scorers:
             self._cache[key] = build()
         return self._cache[key]
 
+    def _loaded(self, key: str, scorer: Any, msg: str) -> Any:
+        """A loader's (scorer, message): the scorer with its message kept as a note, or the message
+        alone (the reason it did not load)."""
+        if scorer is None:
+            return msg
+        self.notes[key] = msg
+        return scorer
+
     def evaluator(self):
-        def build():
-            ev, msg = load_shapes_evaluator(self.opts.evaluator)
-            if ev is None:
-                return msg
-            self.notes["evaluator"] = msg
-            return ev
-        return self._get("evaluator", build)
+        return self._get("evaluator", lambda: self._loaded("evaluator", *load_shapes_evaluator(self.opts.evaluator)))
 
     def clip(self):
         def build():
             o = self.opts
             if self.embedded and not o.clip_random_init and o.clip_weights is None:
-                scorer, msg = load_domain_clip_scorer(device=self.device)
-                if scorer is None:
-                    return msg
-                self.notes["clip"] = msg
-                return scorer
+                return self._loaded("clip", *load_domain_clip_scorer(device=self.device))
             if not o.clip_random_init and o.clip_pretrained is None and o.clip_weights is None:
                 return f"{UNAVAILABLE}no CLIP weights: pass --clip-weights FILE or a --clip-pretrained tag"
-            scorer, msg = load_clip(o.clip_model, o.clip_pretrained, o.clip_weights, self.device, o.clip_random_init)
-            if scorer is None:
-                return msg
-            self.notes["clip"] = msg
-            return scorer
+            return self._loaded("clip", *load_clip(o.clip_model, o.clip_pretrained, o.clip_weights, self.device,
+                                                   o.clip_random_init))
         return self._get("clip", build)
 
     def fid(self):
@@ -111,12 +106,8 @@ class Scorers:
             from dgq.metrics import FidScorer  # noqa: PLC0415
 
             o = self.opts
-            scorer, msg = FidScorer.try_load(None if o.inception_random_init else o.inception_weights,
-                                             random_init=o.inception_random_init, device=self.device)
-            if scorer is None:
-                return msg
-            self.notes["fid"] = msg
-            return scorer
+            return self._loaded("fid", *FidScorer.try_load(None if o.inception_random_init else o.inception_weights,
+                                                           random_init=o.inception_random_init, device=self.device))
         return self._get("fid", build)
 
     def fid_reference(self):
