@@ -67,7 +67,7 @@ def measure(pipe, prompts: list[str], steps: int = 25, guidance: float | None = 
         mass = np.zeros(77)
         start_bg, start_obj, n_bg, n_obj = [], [], 0, 0
         for layer in layers:
-            maps = np.stack([rec.cross_attention(j, layer=layer) for j in range(77)])  # [77, h, w]
+            maps = rec.layer_maps(layer)  # [77, h, w]
             mass += maps.reshape(77, -1).mean(1)
             res = maps.shape[-1]
             bgm, objm = _masks(g.images[0], res)

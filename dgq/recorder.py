@@ -203,6 +203,13 @@ class Recorder:
             n += 1
         return (acc / n).numpy()
 
+    def layer_maps(self, layer: str) -> np.ndarray:
+        """Every token's map of one attention module, [tokens, h, w] (mean over heads, summed over
+        steps as `cross_attention(layer=…)`): one call instead of one per token."""
+        self._need(self._maps_rt, "cross-attention maps")
+        s, n, shape = self._maps_layer[layer]
+        return (s / n).T.reshape(s.shape[1], *shape).numpy()
+
     def _token_index(self, token: int | str) -> int:
         if isinstance(token, int):
             return token

@@ -89,3 +89,18 @@ def test_eval_scores_the_embedded_model_with_the_domain_clip(tmp_path):
     assert isinstance(clip, TC.DomainClipScorer)
     sd = Scorers(opts, embedded=False).clip()  # SD models keep open_clip (no weights here: a reason)
     assert not isinstance(sd, TC.DomainClipScorer)
+
+
+def test_a_short_training_run_saves_its_settings_and_continues(tmp_path):
+    from safetensors import safe_open
+
+    torch.set_num_threads(1)
+    TC.train(tmp_path, seconds=2.0, init_text=None, n_images=32, batch=8, threads=1)
+    path = tmp_path / "clip.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    assert meta["step"] >= 1 and meta["batch"] == 8 and meta["n_images"] == 32 and meta["init_text"] is None
+    assert meta["config"]["projection_dim"] > 0 and "text_config" in meta["config"]
+    again = tmp_path / "again"
+    TC.train(again, seconds=1.0, init_text=None, n_images=32, batch=8, threads=1, init=path)
+    assert (again / "clip.safetensors").is_file()

@@ -22,6 +22,11 @@ def test_recorder_maps_histograms_and_outliers(random_studio):
     assert rec.cross_attention("red").shape == (16, 16)  # all resolutions upsampled to the largest
     mass = rec.token_mass()
     assert mass.shape == (77,) and mass.sum() == pytest.approx(1.0, abs=1e-4)
+    att = rec.attention_layers()[0]
+    maps = rec.layer_maps(att)
+    assert maps.shape[0] == 77 and maps.sum(0) == pytest.approx(np.full(maps.shape[1:], maps.sum(0).flat[0]), rel=1e-5)
+    for j in (0, 3, 76):
+        np.testing.assert_allclose(maps[j], rec.cross_attention(j, layer=att), rtol=1e-6)
     h = rec.histograms()
     assert set(h) == {"cross", "start", "self", "edges"} and h["self"].sum() > 0 and h["start"].sum() > 0
     sm = rec.step_max()

@@ -149,6 +149,10 @@ def train(out: Path, seconds: float, init_text: Path | None, n_images: int = 40_
     rng = random.Random(seed)
     model.train()
     step, t0, last_save, point = 0, time.time(), time.time(), {}
+    # what every save records besides the step and the last log point
+    run = {"batch": batch, "paraphrase_p": paraphrase_p, "background_p": background_p, "n_images": n_images,
+           "first_seed": CLIP_TRAIN_SEED, "history": [], "init_text": str(init_text) if init_text else None,
+           "config": model.config.to_dict()}
     accs: list[float] = []
     losses: list[float] = []
     while time.time() - t0 < seconds:
@@ -176,16 +180,13 @@ def train(out: Path, seconds: float, init_text: Path | None, n_images: int = 40_
             losses.clear()
             accs.clear()
         if time.time() - last_save > 120:
-            _save_train(model, out, point, step, batch, paraphrase_p, background_p, n_images, init_text, atomic_save)
+            _save_train(model, out, {**run, "step": step, "last": point}, atomic_save)
             last_save = time.time()
-    _save_train(model, out, point, step, batch, paraphrase_p, background_p, n_images, init_text, atomic_save)
+    _save_train(model, out, {**run, "step": step, "last": point}, atomic_save)
     return point
 
 
-def _save_train(model, out, point, step, batch, paraphrase_p, background_p, n_images, init_text, atomic_save) -> None:
-    meta = {"step": step, "batch": batch, "paraphrase_p": paraphrase_p, "background_p": background_p,
-            "n_images": n_images, "first_seed": CLIP_TRAIN_SEED, "history": [], "init_text": str(init_text) if init_text else None,
-            "last": point, "config": model.config.to_dict()}
+def _save_train(model, out: Path, meta: dict, atomic_save) -> None:
     atomic_save({k: v.detach() for k, v in model.state_dict().items()}, out / "clip.safetensors", meta)
 
 
