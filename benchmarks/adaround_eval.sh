@@ -7,9 +7,11 @@
 #   bash benchmarks/adaround_eval.sh              # one process
 #   SHARDS=2 bash benchmarks/adaround_eval.sh     # two single-thread CPU processes (2 cores)
 #   LIMIT=40 bash benchmarks/adaround_eval.sh     # fewer prompts (a quick look; same images as the first 40)
+#   PROMPTS=assets/prompts/shapes_eval_more_600.txt LIMIT=600 OUT=runs/adaround600 SHARDS=2 bash benchmarks/adaround_eval.sh
+#                                                 # 600 more held-out prompts (docs/adaround.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-P=assets/prompts/shapes_eval_240.txt
+P=${PROMPTS:-assets/prompts/shapes_eval_240.txt}
 STEPS=${STEPS:-25}
 LIMIT=${LIMIT:-200}
 SHARDS=${SHARDS:-1}

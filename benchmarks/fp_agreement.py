@@ -101,7 +101,7 @@ def _resolve(run: Path, spec: str) -> tuple[str, Path]:
     if (run / spec).is_dir():
         return spec, run / spec
     if p.is_dir():
-        return f"{p.parent.name}/{p.name}", p
+        return spec, p
     raise FileNotFoundError(f"setting {spec!r}: no folder {run / spec} and no folder {p}")
 
 

@@ -80,7 +80,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid", default="docs/img/tiny-fp-grid.png")
     p.add_argument("--paraphrased", action="store_true", help="prompts in words the template never writes")
     p.add_argument("--first-seed", type=int, default=HELD_OUT_SEED, help="renderer seed of the first prompt")
+    p.add_argument("--write-prompts", default=None, metavar="FILE",
+                   help="only write the --n held-out prompts from --first-seed to FILE (one per line) and stop")
     a = p.parse_args(argv)
+    if a.write_prompts:
+        from dgq.tiny.render import sample  # noqa: PLC0415
+
+        out = Path(a.write_prompts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(sample(a.first_seed + i)[1] + "\n" for i in range(a.n)))
+        os.replace(tmp, out)
+        print(f"{a.n} prompts (renderer seeds {a.first_seed} + i) written to {out}")
+        return
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     import dgq  # noqa: PLC0415
