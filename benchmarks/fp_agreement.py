@@ -73,13 +73,49 @@ def per_image(ev, images: list[Image.Image], prompts: list[str], fp: dict[str, A
     return out
 
 
-def summary(name: str, s: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
+def label_of(folder: Path, fallback: str) -> str:
+    """The eval's label of a setting folder (its manifest.json), else `fallback`."""
+    try:
+        return str(json.loads((folder / "manifest.json").read_text())["label"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback
+
+
+def summary(name: str, s: dict[str, Any], fp: dict[str, Any], label: str | None = None) -> dict[str, Any]:
     psnr = s["psnr"]
     finite = psnr[np.isfinite(psnr)]
-    return {"setting": name, "n": int(len(s["ok"])), "align": float(s["ok"].mean()),
+    return {"setting": name, "label": label or name, "n": int(len(s["ok"])), "align": float(s["ok"].mean()),
             "same_reading": float(s["same"].mean()), "verdict_agree": float((s["ok"] == fp["ok"]).mean()),
             "lost": int((fp["ok"] & ~s["ok"]).sum()), "gained": int((~fp["ok"] & s["ok"]).sum()),
             "psnr": float(finite.mean()) if len(finite) else float("inf")}
+
+
+def markdown(rows: list[dict[str, Any]], fp_align: float) -> str:
+    """The settings as a markdown table (what docs/results.md shows)."""
+    out = [f"| setting | align ↑ (FP {fp_align:.3f}) | same reading as FP ↑ | verdict agrees with FP ↑ | lost | gained "
+           "| PSNR ↑ |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['align']:.3f} | {r['same_reading']:.3f} | {r['verdict_agree']:.3f} | "
+                   f"{r['lost']} | {r['gained']} | {r['psnr']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def pairs_markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
+    """The paired comparisons as a markdown table, settings named by their labels."""
+    label = {r["setting"]: r["label"] for r in rows}
+    out = ["| A vs B | same reading, A − B | read as FP only by A / only by B | sign test p | PSNR, A − B |",
+           "|---|---|---|---|---|"]
+    for c in pairs:
+        lo, hi = c["same_reading_ci95"]
+        plo, phi = c["psnr_ci95"]
+        out.append(f"| {label[c['a']]} vs {label[c['b']]} | {c['same_reading_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                   f"{c['only_a_reads_as_fp']} / {c['only_b_reads_as_fp']} | {_p(c['sign_test_p'])} | "
+                   f"{c['psnr_diff']:+.2f} dB [{plo:+.2f}, {phi:+.2f}] |")
+    return "\n".join(out) + "\n"
 
 
 def compare(a: str, b: str, sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
@@ -112,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pair", action="append", default=[], metavar="A:B", help="compare two of the settings")
     ap.add_argument("--limit", type=int, default=0, help="first N images only")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--markdown", action="store_true", help="print the settings as a markdown table too")
     a = ap.parse_args(argv)
 
     from dgq.tiny.evaluator import load_evaluator, to_uint8_batch  # noqa: PLC0415
@@ -147,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    rows = [summary(name, per[name], fp) for name in folders]
+    rows = [summary(name, per[name], fp, label_of(folder, name)) for name, folder in folders.items()]
     print(f"{n} images, FP align {fp['ok'].mean():.3f}  ({run})")
     print(f"{'setting':44s} {'align':>6s} {'same reading':>12s} {'verdict agree':>13s} {'lost':>5s} "
           f"{'gained':>6s} {'PSNR':>7s}")
@@ -161,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c['a']} vs {c['b']}: same reading {c['same_reading_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
               f"reads as FP only in A {c['only_a_reads_as_fp']} / only in B {c['only_b_reads_as_fp']} "
               f"(sign test p = {c['sign_test_p']:.3f}); PSNR {c['psnr_diff']:+.2f} dB [{plo:+.2f}, {phi:+.2f}]")
+    if a.markdown:
+        print()
+        print(markdown(rows, float(fp["ok"].mean())), end="")
+        if cmp:
+            print()
+            print(pairs_markdown(rows, cmp), end="")
     if a.json:
         from dgq.eval.plan import write_json  # noqa: PLC0415 - atomic
 

@@ -84,3 +84,17 @@ def test_missing_images_and_bad_pairs_are_clear_errors(tmp_path: Path, capsys) -
     assert "must be A:B" in capsys.readouterr().err
     assert FA.main(["--run", str(tmp_path / "nowhere")]) == 2
     assert "not a finished eval run" in capsys.readouterr().err
+
+
+def test_the_docs_table_is_the_stored_run_and_matches_the_paper_tables() -> None:
+    root = Path(__file__).resolve().parents[1]
+    got = json.loads((root / "docs/results/fp-agreement.json").read_text())
+    doc = (root / "docs/results.md").read_text()
+    assert FA.markdown(got["settings"], got["fp_align"]) in doc
+    assert FA.pairs_markdown(got["settings"], got["pairs"]) in doc
+    # the same images as Table 2: each setting's alignment and PSNR equal the eval's own figures
+    table2 = {s["label"]: s["metrics"] for s in json.loads((root / "docs/results/results.json").read_text())["settings"]}
+    for r in got["settings"]:
+        m = table2[r["label"]]
+        assert r["align"] == pytest.approx(m["align_all"]) and r["psnr"] == pytest.approx(m["psnr"], abs=0.01)
+    assert got["fp_align"] == pytest.approx(table2["FP32"]["align_all"])
