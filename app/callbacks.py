@@ -138,9 +138,13 @@ def column_markdown(m: dict[str, Any], cached: bool, fp_bops: float) -> str:
         psnr = m["psnr_db"] if isinstance(m["psnr_db"], str) else f"{m['psnr_db']:.2f} dB"
         ssim = f"{m['ssim']:.4f}"
     ratio = fp_bops / m["bops"] if m["bops"] else 1.0
-    rows = [("latency", lat), ("PSNR vs FP", psnr), ("SSIM vs FP", ssim), ("alignment", _fmt_align(m)),
-            ("BOPs", si(m["bops"], "BOPs") + (f" (÷{ratio:.0f})" if ratio > 1.5 else "")),
-            ("weight memory", f"{m['weight_mb']:.3g} MB")]
+    rows = [("latency", lat), ("PSNR vs FP", psnr), ("SSIM vs FP", ssim), ("alignment", _fmt_align(m))]
+    read = m.get("fp_reading")
+    if read is not None:
+        rows.append(("evaluator vs FP", read if isinstance(read, str) else
+                     "same scene ✓" if not read else "✗ " + "; ".join(read[:3]) + (" …" if len(read) > 3 else "")))
+    rows += [("BOPs", si(m["bops"], "BOPs") + (f" (÷{ratio:.0f})" if ratio > 1.5 else "")),
+             ("weight memory", f"{m['weight_mb']:.3g} MB")]
     return f"**{m['label']}**\n\n| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 

@@ -360,6 +360,7 @@ class Engine:
             "alignment": align,
             "alignment_metric": "evaluator" if lm.domain else "clip",
             "alignment_detail": detail,
+            "fp_reading": None if is_fp or not lm.domain else self.fp_reading(res.image, fp.image),
             "bops": b.bops,
             "weight_mb": b.size_mb,
             "w_bits": b.w_bits,
@@ -367,6 +368,18 @@ class Engine:
         }
         res.metrics = out
         return out
+
+    def fp_reading(self, image, fp_image) -> list[str] | str:
+        """What the shapes evaluator reads differently in `image` than in the FP image of the same
+        seed ([] = the same scene), or an "unavailable: …" string saying why not."""
+        from dgq.tiny.evaluator import reading_diff  # noqa: PLC0415
+
+        ev = self._evaluator.get()
+        if ev is None:
+            return self._evaluator.reason
+        with self._scorer_lock:
+            fp_read, read = ev.predict([fp_image, image])
+        return reading_diff(fp_read, read)
 
     def alignment(self, lm: LoadedModel, image, prompt: str) -> tuple[float | str, dict[str, Any]]:
         """Prompt alignment: the embedded evaluator's accuracy for shapes-domain models, the CLIP

@@ -41,6 +41,11 @@ def first(cb):
     return cb.generate(PROMPT, 1, STEPS, 7.5, "", progress=_quiet, **QUANT)
 
 
+def cols_fp_reading(first) -> tuple:
+    cols = first[8]["columns"]
+    return tuple(None if cols[k]["fp_reading"] is None else type(cols[k]["fp_reading"]) for k in ("fp", "baseline", "dgq"))
+
+
 def _arr(img) -> np.ndarray:
     return np.asarray(img, dtype=np.int16)
 
@@ -51,6 +56,10 @@ def test_generate_three_columns_with_metrics(cb, first):
     for img in (fp, base, dq):
         assert img.size[0] >= C.DISPLAY_MIN and img.size[0] % res == 0  # upscaled by an integer factor
     assert "FP32" in fp_md and "TFMQ-DM W8A6" in base_md and "DGQ W8A6 K=16" in dgq_md
+    # what the evaluator reads differently from FP: a list of changes (the random model's images
+    # differ), shown as its own row of the quantized columns only
+    assert cols_fp_reading(first) == (None, list, list)
+    assert "evaluator vs FP" in base_md and "evaluator vs FP" in dgq_md and "evaluator vs FP" not in fp_md
     cols = payload["columns"]
     assert cols["fp"]["psnr_db"] is None and cols["fp"]["bops"] > cols["dgq"]["bops"] > 0
     for name in ("baseline", "dgq"):

@@ -17,6 +17,7 @@ from dgq.tiny.evaluator import (
     default_path,
     fresh_renders,
     load_evaluator,
+    reading_diff,
     scene_labels,
     to_tensor_batch,
     train_evaluator,
@@ -152,3 +153,21 @@ def test_judge_is_score_per_image(ev: Evaluator) -> None:
     assert len(singles) == s["n_single"] and s["single_color"] == pytest.approx(np.mean([j["single_color"] for j in singles]))
     with pytest.raises(ValueError, match="images but"):
         ev.judge(imgs[:2], prompts)
+
+
+def test_reading_diff_names_what_changed(ev: Evaluator) -> None:
+    one = {"count": 1, "background": "black", "relation": None,
+           "objects": [{"color": "red", "shape": "circle", "size": "large", "position": "left"}]}
+    assert reading_diff(one, one) == []
+    other = {**one, "background": "white", "objects": [{**one["objects"][0], "shape": "square"}]}
+    assert reading_diff(one, other) == ["background black → white", "shape circle → square"]
+    pair = {"count": 2, "background": "black", "relation": "left of",
+            "objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]}
+    assert reading_diff(one, pair) == ["count 1 → 2"]
+    swapped = {**pair, "relation": "above", "objects": [pair["objects"][0], {"color": "green", "shape": "square"}]}
+    assert reading_diff(pair, swapped) == ["object 2 color blue → green", "relation left of → above"]
+    # on real images: a render reads as itself, and a recoloured render does not
+    scene = R.Scene((R.Obj("red", "circle", "large", "left"),), "black")
+    recol = R.Scene((R.Obj("blue", "circle", "large", "left"),), "black")
+    a, b = ev.predict([R.render(scene), R.render(recol)])
+    assert reading_diff(a, a) == [] and reading_diff(a, b) == ["color red → blue"]

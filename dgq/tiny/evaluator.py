@@ -380,6 +380,24 @@ class Evaluator:
         return out
 
 
+def reading_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What reading `b` (`Evaluator.predict`'s dict for one image) shows differently from reading
+    `a`, in words ("shape circle → square", "object 2 colour red → blue"); [] when the evaluator
+    reads the same scene in both. Why: the app tells a user what quantization changed in an image,
+    not only by how many dB."""
+    if a["count"] != b["count"]:
+        return [f"count {a['count']} → {b['count']}"]
+    out = [f"background {a['background']} → {b['background']}"] if a["background"] != b["background"] else []
+    two = a["count"] == 2
+    for i, (oa, ob) in enumerate(zip(a["objects"], b["objects"])):
+        for k in oa:
+            if oa[k] != ob.get(k):
+                out.append(f"{f'object {i + 1} ' if two else ''}{k} {oa[k]} → {ob.get(k)}")
+    if a.get("relation") != b.get("relation"):
+        out.append(f"relation {a.get('relation')} → {b.get('relation')}")
+    return out
+
+
 def load_evaluator(path: str | Path | None = None, device: str = "cpu") -> Evaluator:
     """Load shipped or trained weights: a directory with evaluator.safetensors + config.json, or the
     .safetensors file itself (config.json next to it). Default: `default_path()`."""
