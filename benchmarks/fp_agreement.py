@@ -8,7 +8,8 @@ prompts right, and at 200 prompts its noise (about ±3.5 points) hides differenc
   image of the same seed (count, background, and every object attribute: `Evaluator.predict`);
 * ``verdict_agree``: the share whose prompt verdict (meets every ask or not) equals FP's, with
   ``lost`` (FP right, quantized wrong) and ``gained`` (the reverse);
-* ``psnr``: mean PSNR against the FP image.
+* ``psnr``: mean PSNR against the FP image, over the images that differ from it (an identical
+  image has an infinite PSNR; a setting identical to FP everywhere reports inf).
 
 ``--pair A:B`` compares two settings image by image: the difference of their ``same_reading`` and of
 their PSNR with a paired bootstrap 95 % interval (resampling prompts), and an exact two-sided sign
@@ -65,12 +66,9 @@ def per_image(ev, images: list[Image.Image], prompts: list[str], fp: dict[str, A
 
     judged = ev.judge(images, prompts)
     reading = ev.predict(images)
-    ok = np.array([bool(j and j["all"]) for j in judged])
-    same = np.array([a == b for a, b in zip(reading, fp["reading"])]) if "reading" in fp else None
-    out: dict[str, Any] = {"ok": ok, "reading": reading, "same": same}
-    if "pixels" in fp:
-        out["psnr"] = np.asarray(M.psnr(to_uint8_batch(images), fp["pixels"], reduction="none"), dtype=np.float64)
-    return out
+    return {"ok": np.array([bool(j and j["all"]) for j in judged]), "reading": reading,
+            "same": np.array([a == b for a, b in zip(reading, fp["reading"])]),
+            "psnr": np.asarray(M.psnr(to_uint8_batch(images), fp["pixels"], reduction="none"), dtype=np.float64)}
 
 
 def label_of(folder: Path, fallback: str) -> str:
