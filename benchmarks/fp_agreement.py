@@ -11,6 +11,9 @@ prompts right, and at 200 prompts its noise (about ±3.5 points) hides differenc
 * ``psnr``: mean PSNR against the FP image, over the images that differ from it (an identical
   image has an infinite PSNR; a setting identical to FP everywhere reports inf).
 
+A setting may be named ``LABEL=FOLDER`` (default: the eval's label in its manifest). ``--pool``
+joins the ``--json`` files of runs on other prompts into one table, matching settings by label.
+
 ``--pair A:B`` compares two settings image by image: the difference of their ``same_reading`` and of
 their PSNR with a paired bootstrap 95 % interval (resampling prompts), and an exact two-sided sign
 test on the images where exactly one of the two reads as FP does.
@@ -102,17 +105,22 @@ def _p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _db(x: float | None) -> str:
+    return "— (identical images)" if x is None else f"{x:+.2f} dB"
+
+
 def pairs_markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
     """The paired comparisons as a markdown table, settings named by their labels."""
     label = {r["setting"]: r["label"] for r in rows}
     out = ["| A vs B | same reading, A − B | read as FP only by A / only by B | sign test p | PSNR, A − B |",
            "|---|---|---|---|---|"]
+    def ci(v: list[float] | None, fmt: str) -> str:
+        return "" if v is None else f" [{v[0]:{fmt}}, {v[1]:{fmt}}]"
+
     for c in pairs:
-        lo, hi = c["same_reading_ci95"]
-        plo, phi = c["psnr_ci95"]
-        out.append(f"| {label[c['a']]} vs {label[c['b']]} | {c['same_reading_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
-                   f"{c['only_a_reads_as_fp']} / {c['only_b_reads_as_fp']} | {_p(c['sign_test_p'])} | "
-                   f"{c['psnr_diff']:+.2f} dB [{plo:+.2f}, {phi:+.2f}] |")
+        out.append(f"| {label.get(c['a'], c['a'])} vs {label.get(c['b'], c['b'])} | {c['same_reading_diff']:+.3f}"
+                   f"{ci(c.get('same_reading_ci95'), '+.3f')} | {c['only_a_reads_as_fp']} / {c['only_b_reads_as_fp']} | "
+                   f"{_p(c['sign_test_p'])} | {_db(c['psnr_diff'])}{ci(c.get('psnr_ci95'), '+.2f')} |")
     return "\n".join(out) + "\n"
 
 
@@ -127,7 +135,53 @@ def compare(a: str, b: str, sa: dict[str, Any], sb: dict[str, Any]) -> dict[str,
             "same_reading_diff": float(d_same.mean()), "same_reading_ci95": bootstrap_ci(d_same),
             "only_a_reads_as_fp": only_a, "only_b_reads_as_fp": only_b,
             "sign_test_p": sign_test(only_a, only_a + only_b),
-            "psnr_diff": float(d_psnr.mean()), "psnr_ci95": bootstrap_ci(d_psnr), "psnr_n": int(keep.sum())}
+            "psnr_diff": float(d_psnr.mean()) if len(d_psnr) else None,
+            "psnr_ci95": bootstrap_ci(d_psnr) if len(d_psnr) else None, "psnr_n": int(keep.sum())}
+
+
+def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' figures (their --json files) as one, settings and pairs matched by label:
+    means weighted by image counts, counts summed, the sign test on the summed counts (no
+    interval: the per-image values are not stored)."""
+    def by_label(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {x["label"]: x for x in r["settings"]}
+
+    tables = [by_label(r) for r in results]
+    labels = [lab for lab in tables[0] if all(lab in t for t in tables)]
+    n_all = sum(r["n"] for r in results)
+    rows = []
+    for lab in labels:
+        xs = [t[lab] for t in tables]
+        n = sum(x["n"] for x in xs)
+        row = {"setting": lab, "label": lab, "n": n}
+        for k in ("align", "same_reading", "verdict_agree", "psnr"):
+            row[k] = sum(x[k] * x["n"] for x in xs) / n
+        row.update(lost=sum(x["lost"] for x in xs), gained=sum(x["gained"] for x in xs))
+        rows.append(row)
+    pairs = []
+    for c0 in results[0]["pairs"]:
+        key = (tables[0][_label_in(results[0], c0["a"])]["label"], tables[0][_label_in(results[0], c0["b"])]["label"])
+        cs = []
+        for r in results:
+            got = [c for c in r["pairs"] if (_label_in(r, c["a"]), _label_in(r, c["b"])) == key]
+            if got:
+                cs.append((r["n"], got[0]))
+        if len(cs) != len(results):
+            continue
+        a_only, b_only = sum(c["only_a_reads_as_fp"] for _, c in cs), sum(c["only_b_reads_as_fp"] for _, c in cs)
+        pairs.append({"a": key[0], "b": key[1],
+                      "same_reading_diff": sum(n * c["same_reading_diff"] for n, c in cs) / n_all,
+                      "only_a_reads_as_fp": a_only, "only_b_reads_as_fp": b_only,
+                      "sign_test_p": sign_test(a_only, a_only + b_only),
+                      "psnr_diff": (sum(c["psnr_n"] * c["psnr_diff"] for _, c in cs if c["psnr_n"])
+                                    / sum(c["psnr_n"] for _, c in cs)) if any(c["psnr_n"] for _, c in cs) else None,
+                      "psnr_n": sum(c["psnr_n"] for _, c in cs)})
+    fp_align = sum(r["fp_align"] * r["n"] for r in results) / n_all
+    return {"runs": [r["run"] for r in results], "n": n_all, "fp_align": fp_align, "settings": rows, "pairs": pairs}
+
+
+def _label_in(result: dict[str, Any], setting: str) -> str:
+    return next(x["label"] for x in result["settings"] if x["setting"] == setting)
 
 
 def _resolve(run: Path, spec: str) -> tuple[str, Path]:
@@ -147,7 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N images only")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--markdown", action="store_true", help="print the settings as a markdown table too")
+    ap.add_argument("--pool", nargs="+", metavar="JSON", default=None,
+                    help="instead: pool the --json files of several runs (settings and pairs matched by label)")
     a = ap.parse_args(argv)
+    if a.pool:
+        try:
+            pooled = pool([json.loads(Path(f).read_text()) for f in a.pool])
+        except (OSError, ValueError, KeyError, StopIteration) as e:
+            print(f"error: cannot pool {a.pool}: {e!r}", file=sys.stderr)
+            return 2
+        print(f"{pooled['n']} images in {len(a.pool)} runs, FP align {pooled['fp_align']:.3f}")
+        print(markdown(pooled["settings"], pooled["fp_align"]), end="")
+        print()
+        print(pairs_markdown(pooled["settings"], pooled["pairs"]), end="")
+        if a.json:
+            from dgq.eval.plan import write_json  # noqa: PLC0415 - atomic
+
+            write_json(Path(a.json), pooled)
+        return 0
 
     from dgq.tiny.evaluator import load_evaluator, to_uint8_batch  # noqa: PLC0415
 
@@ -161,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = prompts[:n]
     specs = [s for s in a.settings.split(",") if s] or sorted(
         d.name for d in run.iterdir() if d.is_dir() and d.name != "fp" and (d / "00000.png").is_file())
+    labels = {}
+    for i, s in enumerate(specs):
+        if "=" in s:
+            lab, specs[i] = s.split("=", 1)
+            labels[specs[i]] = lab
     pairs = []
     for p in a.pair:
         if p.count(":") != 1 or not all(p.split(":")):
@@ -182,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    rows = [summary(name, per[name], fp, label_of(folder, name)) for name, folder in folders.items()]
+    rows = [summary(name, per[name], fp, labels.get(name) or label_of(folder, name)) for name, folder in folders.items()]
     print(f"{n} images, FP align {fp['ok'].mean():.3f}  ({run})")
     print(f"{'setting':44s} {'align':>6s} {'same reading':>12s} {'verdict agree':>13s} {'lost':>5s} "
           f"{'gained':>6s} {'PSNR':>7s}")
@@ -192,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp = [compare(x, y, per[x], per[y]) for x, y in pairs]
     for c in cmp:
         lo, hi = c["same_reading_ci95"]
-        plo, phi = c["psnr_ci95"]
+        psnr = _db(c["psnr_diff"]) + ("" if c["psnr_ci95"] is None else
+                                      " [{:+.2f}, {:+.2f}]".format(*c["psnr_ci95"]))
         print(f"{c['a']} vs {c['b']}: same reading {c['same_reading_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
               f"reads as FP only in A {c['only_a_reads_as_fp']} / only in B {c['only_b_reads_as_fp']} "
-              f"(sign test p = {c['sign_test_p']:.3f}); PSNR {c['psnr_diff']:+.2f} dB [{plo:+.2f}, {phi:+.2f}]")
+              f"(sign test p = {c['sign_test_p']:.3f}); PSNR {psnr}")
     if a.markdown:
         print()
         print(markdown(rows, float(fp["ok"].mean())), end="")
