@@ -51,6 +51,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-rounding", default="nearest", choices=["nearest", "adaround", "adaround-tiar"],
                    help="weights rounded to nearest, or with the AdaRound rounding `reconstruct` stored "
                         "(adaround-tiar: the one made with --tiar; default nearest)")
+    p.add_argument("--rounding-file", default=None, metavar="PATH",
+                   help="with --weight-rounding adaround[-tiar]: this stored rounding (a `reconstruct` .safetensors) "
+                        "instead of the one looked up, which prefers default settings")
     p.add_argument("--execution", default="simulated", choices=["simulated", "int8"],
                    help="simulated = fake quantization in fp32; int8 = integer GEMMs on the codes (W<=8, A=8; "
                         "same images up to fp32 rounding, see docs/int8.md)")
@@ -130,6 +133,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
         calib = calibrate(pipe, calib_prompts, steps=a.calib_steps, guidance=a.calib_guidance,
                           batch_size=a.calib_batch_size)
     studio = Studio(pipe, calib)
+    if getattr(a, "rounding_file", None):
+        try:
+            bits, name = studio.use_rounding_file(a.rounding_file)
+        except ValueError as e:
+            raise CliError(f"generate: --rounding-file: {e}") from None
+        if not isinstance(config, FPConfig) and (bits, name) != (config.w_bits, config.weight_rounding):
+            raise CliError(f"generate: --rounding-file holds the {name} rounding at W{bits}, but the config asks for "
+                           f"{config.weight_rounding} at W{config.w_bits}")
     if a.prompt is not None:
         g = studio.generate(a.prompt, seed=a.seed, config=config, steps=a.steps, guidance=a.guidance)
         if g.truncated:

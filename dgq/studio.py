@@ -302,6 +302,30 @@ class Studio:
             self._roundings[(bits, name)] = r
             return True
 
+    def use_rounding_file(self, path: str | Path) -> tuple[int, str]:
+        """Install the learned rounding stored at `path` (a `.safetensors`/`.json` pair written by
+        `dgq reconstruct`) for its bit-width and kind, in place of the one `load_rounding` would
+        look up; returns (bits, name). Why: lookup prefers roundings made with the default
+        settings (the shipped ones), so one learned with other settings is used only when asked
+        for by path. Raises ValueError when the file is missing, corrupted or made for other
+        weights or layers."""
+        from dgq import adaround as AR  # noqa: PLC0415
+
+        try:
+            r = AR.Rounding.load(path, {"weights": weights_fingerprint(self.pipe.unet)})
+            r.check_layers(self._qlayers)
+        except AR.RoundingMismatch as e:
+            raise ValueError(f"rounding file {path}: {e}") from None
+        search = next(iter(self._qlayers.values())).weight_search
+        if r.search != search:
+            raise ValueError(f"rounding file {path} was learned on {r.search}-searched weight ranges, these layers "
+                             f"use {search} (pass the matching weight search)")
+        name = AR.rounding_name(r.meta)
+        with self._rounding_lock:
+            AR.install(self._qlayers, r)
+            self._roundings[(r.bits, name)] = r
+        return r.bits, name
+
     def rounding(self, bits: int, name: str = "adaround") -> Any:
         """The installed learned rounding (`dgq.adaround.Rounding`), or None before `load_rounding`."""
         return self._roundings.get((bits, name))

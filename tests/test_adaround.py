@@ -195,6 +195,50 @@ def test_studio_uses_the_stored_rounding(random_pipe, random_calib, rounding, tm
     assert studio.prepare(cfg) >= 0.0
 
 
+def test_a_rounding_chosen_by_path_replaces_the_looked_up_one(random_pipe, random_calib, rounding, tmp_path,
+                                                               monkeypatch):
+    import dataclasses
+
+    import dgq
+    from dgq.modules import quantized_layers
+
+    monkeypatch.setenv("DGQ_CACHE", str(tmp_path))
+    rounding.save(tmp_path / "adaround" / AR.file_stem(rounding.meta["weights"], 3, rounding.meta["settings_key"]))
+    # another rounding of the same weights: every mask flipped (a legal floor/ceil choice too)
+    other = dataclasses.replace(rounding, layers={k: (~m, s, z) for k, (m, s, z) in rounding.layers.items()},
+                                meta={k: v for k, v in rounding.meta.items() if k != "sha256"})
+    chosen = other.save(tmp_path / "chosen" / "mine")
+    studio = dgq.Studio(random_pipe, random_calib, range_cache=False)
+    cfg = DGQConfig(w_bits=3, a_bits=8, weight_rounding="adaround")
+    looked_up = studio.generate("a red circle", seed=0, config=cfg, steps=2).image
+    assert studio.use_rounding_file(chosen) == (3, "adaround")
+    assert studio.rounding(3).meta["sha256"] == json.loads(chosen.with_suffix(".json").read_text())["sha256"]
+    for name, layer in quantized_layers(random_pipe.unet).items():
+        mask, s, z = other.layers[name]
+        assert torch.equal(layer.quantized_weight(3, "adaround"),
+                           P.dequantize_weight(AR.mask_codes(layer.weight, s, z, mask, 3), s, z))
+    assert studio.generate("a red circle", seed=0, config=cfg, steps=2).image.tobytes() != looked_up.tobytes()
+    # wrong weights, another weight search, a corrupted file: clear errors, nothing installed
+    meta = json.loads(chosen.with_suffix(".json").read_text())
+    for change, match in (({"weights": "0" * 16}, "made for weights"), ({"search": "other"}, "weight ranges")):
+        js = tmp_path / "bad" / "r.json"
+        js.parent.mkdir(exist_ok=True)
+        js.write_text(json.dumps({**meta, **change}))
+        js.with_suffix(".safetensors").write_bytes(chosen.with_suffix(".safetensors").read_bytes())
+        with pytest.raises(ValueError, match=match):
+            studio.use_rounding_file(js.with_suffix(".safetensors"))
+    js.write_text(json.dumps(meta))
+    js.with_suffix(".safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="corrupted"):
+        studio.use_rounding_file(js)
+    assert studio.rounding(3).meta["sha256"] == meta["sha256"]
+    # generate: a missing file is an exit-2 error, before anything is generated
+    from dgq.cli import main
+    assert main(["generate", "--model", "tiny", "--method", "dgq", "--w-bits", "4", "--a-bits", "8",
+                 "--weight-rounding", "adaround", "--rounding-file", str(tmp_path / "nowhere.safetensors"),
+                 "--prompt", "a red circle", "--out", str(tmp_path / "x.png"), "--steps", "1"]) == 2
+
+
 # ----------------------------------------------------------------------------- configs and CLI
 def test_config_weight_rounding_field():
     c = DGQConfig(w_bits=4, a_bits=6, weight_rounding="adaround")

@@ -273,3 +273,34 @@ def test_bad_input_is_one_line(inputs, tmp_path, capsys):
         assert main(args) == 2, args
         err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith("error:"), (args, err)
+
+
+def test_a_rounding_file_is_used_and_named_in_the_plan(inputs, tmp_path, capsys):
+    rdir = tmp_path / "roundings"
+    assert main(["reconstruct", "--model", str(inputs / "model"), "--w-bits", "3", "--iters", "2", "--samples", "4",
+                 "--steps", "2", "--prompts-file", str(inputs / "calib.txt"), "--weight-search", "minmax",
+                 "--out-dir", str(rdir)]) == 0
+    (path,) = rdir.glob("*.safetensors")
+    sha = json.loads(path.with_suffix(".json").read_text())["sha256"]
+
+    def run(out: Path, *extra: str) -> int:
+        return main(["eval", "--model", str(inputs / "model"), "--prompts-file", str(inputs / "prompts.txt"),
+                     "--calib-prompts-file", str(inputs / "calib.txt"), "--settings", "fp,dgq:W3A8:K4:adaround",
+                     "--steps", "2", "--batch-size", "2", "--limit", "2", "--weight-search", "minmax",
+                     "--metrics", "psnr", "--no-progress", "--out", str(out), *extra])
+
+    # looked up, nothing is stored for this model; chosen by path, it is used and the plan names it
+    assert run(tmp_path / "a", "--rounding-file", str(path)) == 0
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert plan["roundings"] == {"3": sha}
+    row = _results(tmp_path / "a")["settings"][1]
+    assert row["complete"] and isinstance(row["metrics"]["psnr"], float)
+    # bad files are one-line errors that name the file
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:100])
+    shutil.copy(path.with_suffix(".json"), bad.with_suffix(".json"))
+    for f, why in ((tmp_path / "nowhere.safetensors", "no rounding at"), (bad, "corrupted")):
+        capsys.readouterr()
+        assert run(tmp_path / "b", "--rounding-file", str(f)) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and "--rounding-file" in err[0] and why in err[0], err

@@ -31,6 +31,7 @@ def resolve_options(args: argparse.Namespace) -> Options:
         images_per_prompt=pick("images_per_prompt"), calib_prompts_file=args.calib_prompts_file,
         calib_steps=args.calib_steps, calib_guidance=args.calib_guidance, calib_batch_size=args.calib_batch_size,
         calib_cache=not args.no_calib_cache, weight_search=args.weight_search,
+        rounding_files=tuple(args.rounding_file or ()),
         metrics=pick("metrics"), metric_size=pick("metric_size"), clip_model=args.clip_model,
         clip_pretrained=None if args.clip_pretrained in ("", "none") else args.clip_pretrained,
         clip_weights=args.clip_weights, clip_limit=pick("clip_limit"), clip_random_init=args.clip_random_init,
@@ -86,6 +87,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-calib-cache", action="store_true", help="do not use the $DGQ_CACHE calibration cache")
     p.add_argument("--weight-search", default="mse", choices=["mse", "minmax"],
                    help="weight clipping search (mse = the authors'; minmax is faster)")
+    p.add_argument("--rounding-file", action="append", default=None, metavar="PATH",
+                   help="use this stored learned rounding (a `reconstruct` .safetensors) for its bit-width instead "
+                        "of the one looked up, which prefers default settings; repeatable (docs/adaround.md)")
     p.add_argument("--metrics", default=None, help="auto (default), none, or a list of "
                    f"{','.join(METRIC_NAMES)}; BOPs, size and latency are always reported")
     p.add_argument("--metric-size", type=int, default=None, help="resize images to N px for CLIP/FID "

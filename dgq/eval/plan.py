@@ -156,6 +156,7 @@ class Options:
     calib_batch_size: int = 8
     calib_cache: bool = True
     weight_search: str = "mse"
+    rounding_files: tuple[str, ...] = ()  # learned roundings chosen by path (`Studio.use_rounding_file`)
     metrics: str = "auto"
     metric_size: int = 0
     clip_model: str = "ViT-g-14"

@@ -277,6 +277,14 @@ def _run(opts: Options, started: float) -> dict[str, Any] | None:
     info = _plan_info(opts, pipe, plan, settings, calib, digest(list(prompts)))
     studio = Studio(pipe, calib, weight_search=opts.weight_search, max_batch=max(16, opts.batch_size),
                     max_steps=max(200, opts.steps))
+    for path in opts.rounding_files:
+        try:
+            bits, name = studio.use_rounding_file(path)
+        except ValueError as e:
+            raise CliError(f"eval: --rounding-file: {e}") from None
+        key = rounding_key(bits, name)
+        if key in info.get("roundings", {}):  # the plan names the rounding its images were made with
+            info["roundings"][key] = str(studio.rounding(bits, name).meta.get("sha256"))
     learned = _learned_act_ranges(studio, settings)
     if learned:  # only then: the plans of runs without qdiff-paper stay as they were
         info["act_ranges"] = learned
