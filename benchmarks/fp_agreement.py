@@ -11,8 +11,9 @@ prompts right, and at 200 prompts its noise (about ±3.5 points) hides differenc
 * ``psnr``: mean PSNR against the FP image, over the images that differ from it (an identical
   image has an infinite PSNR; a setting identical to FP everywhere reports inf).
 
-A setting may be named ``LABEL=FOLDER`` (default: the eval's label in its manifest). ``--pool``
-joins the ``--json`` files of runs on other prompts into one table, matching settings by label.
+A setting may be named ``LABEL=FOLDER``, split at the last ``=`` (default: the eval's label in its
+manifest). ``--pool`` joins the ``--json`` files of runs on other prompts into one table, matching
+settings by label.
 
 ``--pair A:B`` compares two settings image by image: the difference of their ``same_reading`` and of
 their PSNR with a paired bootstrap 95 % interval (resampling prompts), and an exact two-sided sign
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = {}
     for i, s in enumerate(specs):
         if "=" in s:
-            lab, specs[i] = s.split("=", 1)
+            lab, specs[i] = s.rsplit("=", 1)  # labels may hold "=" (K=16), folder names do not
             labels[specs[i]] = lab
     pairs = []
     for p in a.pair:

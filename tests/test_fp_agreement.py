@@ -109,20 +109,20 @@ def test_runs_on_other_prompts_pool_by_label(tmp_path: Path) -> None:
         for i, scene in enumerate(scenes):
             image_of(scene, recolour=i < n_swapped).save(run / "other" / f"{i:05d}.png")
         outs.append(tmp_path / f"r{k}.json")
-        assert FA.main(["--run", str(run), "--settings", "as is=copy,changed=other", "--pair", "copy:other",
+        assert FA.main(["--run", str(run), "--settings", "K=1 as is=copy,changed=other", "--pair", "copy:other",
                         "--json", str(outs[-1])]) == 0
     one = json.loads(outs[0].read_text())
-    assert [r["label"] for r in one["settings"]] == ["as is", "changed"]
+    assert [r["label"] for r in one["settings"]] == ["K=1 as is", "changed"]
     pooled_file = tmp_path / "pooled.json"
     assert FA.main(["--pool", *map(str, outs), "--json", str(pooled_file)]) == 0
     pooled = json.loads(pooled_file.read_text())
     rows = {r["label"]: r for r in pooled["settings"]}
-    assert pooled["n"] == 12 and rows["as is"]["same_reading"] == 1.0
+    assert pooled["n"] == 12 and rows["K=1 as is"]["same_reading"] == 1.0
     parts = [json.loads(o.read_text()) for o in outs]
     want = sum(p["settings"][1]["same_reading"] * 6 for p in parts) / 12
     assert rows["changed"]["same_reading"] == pytest.approx(want)
     (pair,) = pooled["pairs"]
     a_only = sum(p["pairs"][0]["only_a_reads_as_fp"] for p in parts)
-    assert pair["a"] == "as is" and pair["only_a_reads_as_fp"] == a_only >= 5
+    assert pair["a"] == "K=1 as is" and pair["only_a_reads_as_fp"] == a_only >= 5
     assert pair["sign_test_p"] == pytest.approx(FA.sign_test(a_only, a_only + pair["only_b_reads_as_fp"]))
     assert FA.main(["--pool", str(tmp_path / "missing.json")]) == 2

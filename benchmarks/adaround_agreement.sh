@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# AdaRound vs round-to-nearest, image by image (docs/adaround.md#closer-to-fp-image-by-image): DGQ
+# K=16 at W4A6 and W4A8 on the 200 paper-table prompts (runs/results/bars) and on 600 more held-out
+# prompts (runs/adaround600, `PROMPTS=assets/prompts/shapes_eval_more_600.txt LIMIT=600
+# OUT=runs/adaround600 SHARDS=2 bash benchmarks/adaround_eval.sh`), each read by the shapes
+# evaluator against the FP image of the same seed, then pooled. LONG200 / LONG600: the same
+# settings' folders made with a longer reconstruction (`ROUNDING_FILE=…`; left out when unset).
+# Scoring only, about a minute.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUTD=${OUTD:-docs/results}
+one() {  # run folder, long-rounding folder or "", json out
+  local run=$1 long=$2 json=$3 s="" pairs=()
+  for wa in w4a6 w4a8; do
+    local WA=${wa^^}
+    s+="DGQ $WA K=16 nearest=dgq-$wa-k16,DGQ $WA K=16 AdaRound=dgq-$wa-k16-adaround,"
+    pairs+=(--pair "dgq-$wa-k16-adaround:dgq-$wa-k16")
+    if [ -n "$long" ]; then
+      s+="DGQ $WA K=16 AdaRound long=$long/dgq-$wa-k16-adaround,"
+      pairs+=(--pair "$long/dgq-$wa-k16-adaround:dgq-$wa-k16")
+    fi
+  done
+  python -m benchmarks.fp_agreement --run "$run" --settings "${s%,}" "${pairs[@]}" --json "$json"
+}
+one runs/results/bars "${LONG200:-}" "$OUTD/adaround-agree-200.json"
+one runs/adaround600 "${LONG600:-}" "$OUTD/adaround-agree-600.json"
+python -m benchmarks.fp_agreement --pool "$OUTD/adaround-agree-200.json" "$OUTD/adaround-agree-600.json" \
+  --json "$OUTD/adaround-agree-800.json"
