@@ -126,3 +126,20 @@ def test_runs_on_other_prompts_pool_by_label(tmp_path: Path) -> None:
     assert pair["a"] == "K=1 as is" and pair["only_a_reads_as_fp"] == a_only >= 5
     assert pair["sign_test_p"] == pytest.approx(FA.sign_test(a_only, a_only + pair["only_b_reads_as_fp"]))
     assert FA.main(["--pool", str(tmp_path / "missing.json")]) == 2
+
+
+def test_the_adaround_tables_are_the_stored_runs_and_the_pool_is_their_sum() -> None:
+    root = Path(__file__).resolve().parents[1]
+    runs = {n: json.loads((root / f"docs/results/adaround-agree-{n}.json").read_text()) for n in (200, 600, 800)}
+    doc = (root / "docs/adaround.md").read_text()
+    for n in (600, 800):
+        assert FA.markdown(runs[n]["settings"], runs[n]["fp_align"]) in doc
+        assert FA.pairs_markdown(runs[n]["settings"], runs[n]["pairs"]) in doc
+    again = FA.pool([runs[200], runs[600]])
+    assert again["n"] == 800 and again["settings"] == runs[800]["settings"] and again["pairs"] == runs[800]["pairs"]
+    # the 200-prompt rows are the paper tables' images: the same align and PSNR as Table 2
+    table2 = {s["label"]: s["metrics"] for s in json.loads((root / "docs/results/results.json").read_text())["settings"]}
+    for r in runs[200]["settings"]:
+        if r["label"].endswith(("nearest", "AdaRound")):
+            m = table2[r["label"].removesuffix(" nearest")]
+            assert r["align"] == pytest.approx(m["align_all"]) and r["psnr"] == pytest.approx(m["psnr"], abs=0.01)
