@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/img/app-compare.png")
     ap.add_argument("--width", type=int, default=1400)
-    ap.add_argument("--height", type=int, default=1500)
+    ap.add_argument("--height", type=int, default=1850)  # down to the last row of the column tables
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from playwright.sync_api import expect, sync_playwright
