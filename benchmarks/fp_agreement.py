@@ -93,7 +93,7 @@ def summary(name: str, s: dict[str, Any], fp: dict[str, Any], label: str | None 
 
 
 def markdown(rows: list[dict[str, Any]], fp_align: float) -> str:
-    """The settings as a markdown table (what docs/results.md shows)."""
+    """The settings as a markdown table (what docs/fp-agreement.md and docs/adaround.md show)."""
     out = [f"| setting | align ↑ (FP {fp_align:.3f}) | same reading as FP ↑ | verdict agrees with FP ↑ | lost | gained "
            "| PSNR ↑ |", "|---|---|---|---|---|---|---|"]
     for r in rows:

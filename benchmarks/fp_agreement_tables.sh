@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The "closer to FP, image by image" table of docs/results.md: every Table 2 setting of the paper-
+# The tables of docs/fp-agreement.md: every Table 2 setting of the paper-
 # table runs (light baselines and Table 3(c) rows in runs/results/bars, the paper recipes in
 # runs/results/paper{,2,3}: same prompts, seeds and FP images), read by the shapes evaluator against
 # the FP image of the same seed (benchmarks/fp_agreement.py). Scoring only, about 1 min on one core.

@@ -89,7 +89,7 @@ def test_missing_images_and_bad_pairs_are_clear_errors(tmp_path: Path, capsys) -
 def test_the_docs_table_is_the_stored_run_and_matches_the_paper_tables() -> None:
     root = Path(__file__).resolve().parents[1]
     got = json.loads((root / "docs/results/fp-agreement.json").read_text())
-    doc = (root / "docs/results.md").read_text()
+    doc = (root / "docs/fp-agreement.md").read_text()
     assert FA.markdown(got["settings"], got["fp_align"]) in doc
     assert FA.pairs_markdown(got["settings"], got["pairs"]) in doc
     # the same images as Table 2: each setting's alignment and PSNR equal the eval's own figures
