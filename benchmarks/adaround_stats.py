@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dgq
     from dgq import metrics as M
+    from dgq.eval.plan import image_file
     from dgq.eval.settings import canonical_spec
     from dgq.tiny.evaluator import load_evaluator, to_tensor_batch
 
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     n = len(prompts) if not a.limit else min(a.limit, len(prompts))
     cfg = dgq.DGQConfig(w_bits=a.w_bits, a_bits=a.a_bits, groups=a.groups, weight_rounding=a.rounding)
     slug = canonical_spec(cfg).lower().replace(":", "-").replace("=", "-")
-    fp_paths = [run / "fp" / f"{i:05d}.png" for i in range(n)]
-    fps_paths = [run / slug / f"{i:05d}.png" for i in range(n)]
+    fp_paths = [image_file(run / "fp", i) for i in range(n)]
+    fps_paths = [image_file(run / slug, i) for i in range(n)]
     missing = [p for p in fp_paths + fps_paths if not p.is_file()]
     if missing:
         print(f"error: {len(missing)} images of the run are missing (e.g. {missing[0]}); finish the run first",
@@ -72,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     seed = int(plan["seed"])
     for s in range(0, n, a.batch_size):
         idx = list(range(s, min(n, s + a.batch_size)))
-        if all((out / f"{i:05d}.png").is_file() for i in idx):
+        if all(image_file(out, i).is_file() for i in idx):
             continue
         g = studio.generate([prompts[i] for i in idx], seed=[seed + i for i in idx], config=cfg,
                             steps=int(plan["steps"]), guidance=float(plan["guidance"]))
         for i, im in zip(idx, g.images):
-            im.save(out / f"{i:05d}.png")
+            im.save(image_file(out, i))
         print(f"{idx[-1] + 1}/{n} images", file=sys.stderr, flush=True)
-    q_paths = [out / f"{i:05d}.png" for i in range(n)]
+    q_paths = [image_file(out, i) for i in range(n)]
 
     ev = load_evaluator(None)
     fp = _images(fp_paths)

@@ -40,7 +40,9 @@ from PIL import Image
 
 
 def _images(folder: Path, n: int) -> list[Image.Image]:
-    paths = [folder / f"{i:05d}.png" for i in range(n)]
+    from dgq.eval.plan import image_file  # noqa: PLC0415
+
+    paths = [image_file(folder, i) for i in range(n)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {n} images missing in {folder} (e.g. {missing[0].name})")
@@ -63,16 +65,21 @@ def bootstrap_ci(diff: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[flo
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def read(ev, images: list[Image.Image], prompts: list[str]) -> dict[str, Any]:
+    """The evaluator's reading of each image and whether it meets its prompt (one network pass)."""
+    reading, judged = ev.predict_and_judge(images, prompts)
+    return {"ok": np.array([bool(j and j["all"]) for j in judged]), "reading": reading}
+
+
 def per_image(ev, images: list[Image.Image], prompts: list[str], fp: dict[str, Any]) -> dict[str, Any]:
     """Per-image verdicts, readings and PSNR of one setting against the FP images."""
     from dgq import metrics as M  # noqa: PLC0415
     from dgq.tiny.evaluator import to_uint8_batch  # noqa: PLC0415
 
-    judged = ev.judge(images, prompts)
-    reading = ev.predict(images)
-    return {"ok": np.array([bool(j and j["all"]) for j in judged]), "reading": reading,
-            "same": np.array([a == b for a, b in zip(reading, fp["reading"])]),
-            "psnr": np.asarray(M.psnr(to_uint8_batch(images), fp["pixels"], reduction="none"), dtype=np.float64)}
+    out = read(ev, images, prompts)
+    out["same"] = np.array([a == b for a, b in zip(out["reading"], fp["reading"])])
+    out["psnr"] = np.asarray(M.psnr(to_uint8_batch(images), fp["pixels"], reduction="none"), dtype=np.float64)
+    return out
 
 
 def label_of(folder: Path, fallback: str) -> str:
@@ -161,7 +168,7 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
         rows.append(row)
     pairs = []
     for c0 in results[0]["pairs"]:
-        key = (tables[0][_label_in(results[0], c0["a"])]["label"], tables[0][_label_in(results[0], c0["b"])]["label"])
+        key = (_label_in(results[0], c0["a"]), _label_in(results[0], c0["b"]))
         cs = []
         for r in results:
             got = [c for c in r["pairs"] if (_label_in(r, c["a"]), _label_in(r, c["b"])) == key]
@@ -252,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                     folders.update([_resolve(run, s)])
         fp_images = _images(run / "fp", n)
         ev = load_evaluator()
-        fp = {"pixels": to_uint8_batch(fp_images), "reading": ev.predict(fp_images)}
-        fp.update(ok=np.array([bool(j and j["all"]) for j in ev.judge(fp_images, prompts)]))
+        fp = {"pixels": to_uint8_batch(fp_images), **read(ev, fp_images, prompts)}
         per = {name: per_image(ev, _images(folder, n), prompts, fp) for name, folder in folders.items()}
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

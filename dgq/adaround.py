@@ -225,21 +225,25 @@ class Rounding:
         return stored.read_meta(path, FORMAT_VERSION, expect, "rounding")
 
     @classmethod
-    def load(cls, path: str | Path, expect: dict[str, Any] | None = None) -> Rounding:
-        """Load and verify (format, `expect`ed keys, checksum, shapes); raises `RoundingMismatch`."""
+    def load(cls, path: str | Path, expect: dict[str, Any] | None = None, layers: dict | None = None) -> Rounding:
+        """Load and verify (format, `expect`ed keys, checksum, shapes, and with `layers` that it
+        covers exactly those: `check_layers`); raises `RoundingMismatch`."""
         meta = cls.read_meta(path, expect)
         tensors = stored.read_tensors(path, meta, "rounding")
         try:
-            layers = {}
+            found = {}
             for name, shape in meta["shapes"].items():
                 mask = unpack_mask(tensors[f"{name}{_SEP}mask"], tuple(shape))
                 s, z = tensors[f"{name}{_SEP}s"], tensors[f"{name}{_SEP}z"]
                 if s.shape != (shape[0],) or z.shape != (shape[0],):
                     raise ValueError(f"layer {name}: scale shape {tuple(s.shape)} for {shape[0]} channels")
-                layers[name] = (mask, s, z)
+                found[name] = (mask, s, z)
         except (KeyError, ValueError, TypeError) as e:
             raise RoundingMismatch(f"unreadable rounding tensors {Path(path).with_suffix('.safetensors')}: {e}") from e
-        return cls(int(meta["bits"]), str(meta["search"]), layers, meta)
+        out = cls(int(meta["bits"]), str(meta["search"]), found, meta)
+        if layers is not None:
+            out.check_layers(layers)
+        return out
 
     def check_layers(self, layers: dict) -> None:
         """Raise `RoundingMismatch` unless this rounding covers exactly `layers` (name → wrapped layer)."""
@@ -285,8 +289,7 @@ def load_best(folders: list[Path], weights: str, bits: int, layers: dict,
     """The first stored rounding `name` for (weights, bits) that loads, verifies and fits `layers`."""
     for p in candidates(folders, weights, bits, prefer, name):
         try:
-            r = Rounding.load(p, {"weights": weights, "bits": bits})
-            r.check_layers(layers)
+            r = Rounding.load(p, {"weights": weights, "bits": bits}, layers)
         except RoundingMismatch as e:
             log.warning("rounding at %s not used: %s", p, e)
             continue

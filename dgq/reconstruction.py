@@ -504,8 +504,7 @@ def reconstruct_cached(pipe, bits: Sequence[int], settings: AR.ReconSettings | N
         for d in ([] if force else look):
             p = d / AR.file_stem(setup["weights"], b, setup["key"])
             try:
-                r = AR.Rounding.load(p, {"weights": setup["weights"], "bits": b, "settings_key": setup["key"]})
-                r.check_layers(layers)
+                r = AR.Rounding.load(p, {"weights": setup["weights"], "bits": b, "settings_key": setup["key"]}, layers)
                 found = (r, p.with_suffix(".safetensors"), False)
                 say(f"W{b}: stored rounding {p.with_suffix('.safetensors')} is valid; not learned again")
                 break

@@ -312,8 +312,7 @@ class Studio:
         from dgq import adaround as AR  # noqa: PLC0415
 
         try:
-            r = AR.Rounding.load(path, {"weights": weights_fingerprint(self.pipe.unet)})
-            r.check_layers(self._qlayers)
+            r = AR.Rounding.load(path, {"weights": weights_fingerprint(self.pipe.unet)}, self._qlayers)
         except AR.RoundingMismatch as e:
             raise ValueError(f"rounding file {path}: {e}") from None
         search = next(iter(self._qlayers.values())).weight_search

@@ -90,8 +90,13 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def image_file(folder: Path, i: int) -> Path:
+    """Image `i` of a setting's folder (the one naming rule for every reader of eval runs)."""
+    return folder / f"{i:05d}.png"
+
+
 def image_path(out: Path, setting: Setting, i: int) -> Path:
-    return out / setting.slug / f"{i:05d}.png"
+    return image_file(out / setting.slug, i)
 
 
 def read_log(sdir: Path) -> dict[int, list[dict[str, Any]]]:

@@ -287,20 +287,14 @@ class Evaluator:
         "relation": None}``; two: ``{"count": 2, "background", "objects": [{"color","shape"}, {"color",
         "shape"}], "relation"}`` with ``objects[0]`` the left/top one.
         """
+        return _readings(self.predict_indices(images))
+
+    def predict_and_judge(self, images: Any, prompts: Sequence[str]) -> tuple[list[dict[str, Any]],
+                                                                             list[dict[str, bool] | None]]:
+        """`predict` and `judge` of the same images from one pass of the network (paired
+        comparisons against FP need both)."""
         p = self.predict_indices(images)
-        out = []
-        for i in range(len(p["count"])):
-            lab = lambda head: HEADS[head][int(p[head][i])]  # noqa: E731
-            if p["count"][i] == 0:
-                objs = [{"color": lab("color"), "shape": lab("shape"), "size": lab("size"),
-                         "position": lab("position")}]
-                out.append({"count": 1, "background": lab("background"), "objects": objs, "relation": None})
-            else:
-                objs = [{"color": lab("color0"), "shape": lab("shape0")},
-                        {"color": lab("color1"), "shape": lab("shape1")}]
-                out.append({"count": 2, "background": lab("background"), "objects": objs,
-                            "relation": lab("relation")})
-        return out
+        return _readings(p), _verdicts(p, prompts)
 
     def features(self, images: Any) -> np.ndarray:
         """Penultimate-layer features (N, feature_dim) float64, for the domain FID."""
@@ -313,37 +307,7 @@ class Evaluator:
         comparisons (a quantized image against the FP image of the same seed) need the verdicts
         themselves, not their means.
         """
-        prompts = list(prompts)
-        p = self.predict_indices(images)
-        if len(prompts) != len(p["count"]):
-            raise ValueError(f"{len(p['count'])} images but {len(prompts)} prompts")
-        out: list[dict[str, bool] | None] = []
-        for i, prompt in enumerate(prompts):
-            try:
-                scene = R.parse_caption(prompt)
-            except ValueError:
-                out.append(None)
-                continue
-            got = {k: int(v[i]) for k, v in p.items()}
-            want = scene_labels(scene)
-            count_ok = got["count"] == want["count"]
-            bg_ok = got["background"] == want["background"]
-            hits: dict[str, bool] = {}
-            if want["count"] == 0:
-                attrs = {k: count_ok and got[k] == want[k] for k in SINGLE_HEADS}
-                hits.update({f"single_{k}": ok for k, ok in attrs.items()})
-                every = count_ok and bg_ok and all(attrs.values())
-                hits.update(single_count=count_ok, single_background=bg_ok, single_all=every)
-            else:
-                colors = count_ok and got["color0"] == want["color0"] and got["color1"] == want["color1"]
-                shapes = count_ok and got["shape0"] == want["shape0"] and got["shape1"] == want["shape1"]
-                rel = count_ok and got["relation"] == want["relation"]
-                every = count_ok and bg_ok and colors and shapes and rel
-                hits.update(pair_count=count_ok, pair_colors=colors, pair_shapes=shapes, pair_relation=rel,
-                            pair_background=bg_ok, pair_all=every)
-            hits.update(count=count_ok, background=bg_ok, all=every)
-            out.append({k: bool(v) for k, v in hits.items()})
-        return out
+        return _verdicts(self.predict_indices(images), prompts)
 
     def score(self, images: Any, prompts: Sequence[str]) -> dict[str, float | int | None]:
         """Per-attribute accuracy of `images` against what each prompt asks.
@@ -378,6 +342,57 @@ class Evaluator:
             v = hits.get(k)
             out[k] = float(np.mean(v)) if v else None
         return out
+
+
+def _readings(p: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """`Evaluator.predict`'s dicts from the heads' arg-max indices."""
+    out = []
+    for i in range(len(p["count"])):
+        lab = lambda head: HEADS[head][int(p[head][i])]  # noqa: E731
+        if p["count"][i] == 0:
+            objs = [{"color": lab("color"), "shape": lab("shape"), "size": lab("size"),
+                     "position": lab("position")}]
+            out.append({"count": 1, "background": lab("background"), "objects": objs, "relation": None})
+        else:
+            objs = [{"color": lab("color0"), "shape": lab("shape0")},
+                    {"color": lab("color1"), "shape": lab("shape1")}]
+            out.append({"count": 2, "background": lab("background"), "objects": objs,
+                        "relation": lab("relation")})
+    return out
+
+
+def _verdicts(p: dict[str, np.ndarray], prompts: Sequence[str]) -> list[dict[str, bool] | None]:
+    """`Evaluator.judge`'s verdicts from the heads' arg-max indices."""
+    prompts = list(prompts)
+    if len(prompts) != len(p["count"]):
+        raise ValueError(f"{len(p['count'])} images but {len(prompts)} prompts")
+    out: list[dict[str, bool] | None] = []
+    for i, prompt in enumerate(prompts):
+        try:
+            scene = R.parse_caption(prompt)
+        except ValueError:
+            out.append(None)
+            continue
+        got = {k: int(v[i]) for k, v in p.items()}
+        want = scene_labels(scene)
+        count_ok = got["count"] == want["count"]
+        bg_ok = got["background"] == want["background"]
+        hits: dict[str, bool] = {}
+        if want["count"] == 0:
+            attrs = {k: count_ok and got[k] == want[k] for k in SINGLE_HEADS}
+            hits.update({f"single_{k}": ok for k, ok in attrs.items()})
+            every = count_ok and bg_ok and all(attrs.values())
+            hits.update(single_count=count_ok, single_background=bg_ok, single_all=every)
+        else:
+            colors = count_ok and got["color0"] == want["color0"] and got["color1"] == want["color1"]
+            shapes = count_ok and got["shape0"] == want["shape0"] and got["shape1"] == want["shape1"]
+            rel = count_ok and got["relation"] == want["relation"]
+            every = count_ok and bg_ok and colors and shapes and rel
+            hits.update(pair_count=count_ok, pair_colors=colors, pair_shapes=shapes, pair_relation=rel,
+                        pair_background=bg_ok, pair_all=every)
+        hits.update(count=count_ok, background=bg_ok, all=every)
+        out.append({k: bool(v) for k, v in hits.items()})
+    return out
 
 
 def reading_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
