@@ -9,15 +9,20 @@ prompts right, and at 200 prompts its noise (about ±3.5 points) hides differenc
 * ``verdict_agree``: the share whose prompt verdict (meets every ask or not) equals FP's, with
   ``lost`` (FP right, quantized wrong) and ``gained`` (the reverse);
 * ``psnr``: mean PSNR against the FP image, over the images that differ from it (an identical
-  image has an infinite PSNR; a setting identical to FP everywhere reports inf).
+  image has an infinite PSNR; a setting identical to FP everywhere reports inf);
+* with the domain CLIP (`assets/tiny-clip`), the paper's alignment metric image by image:
+  ``clip`` (mean CLIP score), ``clip_gap`` (mean |CLIP score − the FP image's|, per image: how far
+  each image's prompt alignment moved, in either direction) and ``image_sim`` (mean cosine of the
+  CLIP image embeddings of the image and the FP image). Without the domain CLIP they are None and
+  the tables say "unavailable".
 
 A setting may be named ``LABEL=FOLDER``, split at the last ``=`` (default: the eval's label in its
 manifest). ``--pool`` joins the ``--json`` files of runs on other prompts into one table, matching
 settings by label.
 
-``--pair A:B`` compares two settings image by image: the difference of their ``same_reading`` and of
-their PSNR with a paired bootstrap 95 % interval (resampling prompts), and an exact two-sided sign
-test on the images where exactly one of the two reads as FP does.
+``--pair A:B`` compares two settings image by image: the difference of their ``same_reading``, of
+their PSNR and of their ``clip_gap`` with a paired bootstrap 95 % interval (resampling prompts), and
+an exact two-sided sign test on the images where exactly one of the two reads as FP does.
 
     python -m benchmarks.fp_agreement --run runs/results/bars \\
         --settings dgq-w4a6-k16,dgq-w4a6-k16-adaround --pair dgq-w4a6-k16-adaround:dgq-w4a6-k16
@@ -71,14 +76,46 @@ def read(ev, images: list[Image.Image], prompts: list[str]) -> dict[str, Any]:
     return {"ok": np.array([bool(j and j["all"]) for j in judged]), "reading": reading}
 
 
-def per_image(ev, images: list[Image.Image], prompts: list[str], fp: dict[str, Any]) -> dict[str, Any]:
-    """Per-image verdicts, readings and PSNR of one setting against the FP images."""
+class ClipReader:
+    """CLIP image embeddings and CLIP scores with the domain CLIP (prompt embeddings computed once)."""
+
+    chunk = 100
+
+    def __init__(self, scorer, prompts: list[str]) -> None:
+        self.scorer = scorer
+        self.text = scorer.embed_text(prompts)  # unit vectors, no grad (DomainClipScorer)
+
+    def read(self, images: list[Image.Image]) -> dict[str, Any]:
+        import torch  # noqa: PLC0415
+
+        emb = torch.cat([self.scorer.embed_images(images[i:i + self.chunk]) for i in range(0, len(images), self.chunk)])
+        return {"emb": emb, "clip": (emb * self.text).sum(-1).double().numpy()}
+
+
+def clip_reader(prompts: list[str]) -> tuple[ClipReader | None, str]:
+    """The domain CLIP reader, or None and why it is unavailable."""
+    try:
+        from dgq.tiny.clip import DomainClipScorer  # noqa: PLC0415
+
+        return ClipReader(DomainClipScorer(), prompts), ""
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        return None, f"domain CLIP unavailable ({e})"
+
+
+def per_image(ev, images: list[Image.Image], prompts: list[str], fp: dict[str, Any],
+              clip: ClipReader | None = None) -> dict[str, Any]:
+    """Per-image verdicts, readings, PSNR and (with `clip`) CLIP figures of one setting against FP."""
     from dgq import metrics as M  # noqa: PLC0415
     from dgq.tiny.evaluator import to_uint8_batch  # noqa: PLC0415
 
     out = read(ev, images, prompts)
     out["same"] = np.array([a == b for a, b in zip(out["reading"], fp["reading"])])
     out["psnr"] = np.asarray(M.psnr(to_uint8_batch(images), fp["pixels"], reduction="none"), dtype=np.float64)
+    if clip is not None and "emb" in fp:
+        c = clip.read(images)
+        out["clip"] = c["clip"]
+        out["clip_gap"] = np.abs(c["clip"] - fp["clip"])
+        out["image_sim"] = (c["emb"] * fp["emb"]).sum(-1).double().numpy()
     return out
 
 
@@ -96,16 +133,26 @@ def summary(name: str, s: dict[str, Any], fp: dict[str, Any], label: str | None 
     return {"setting": name, "label": label or name, "n": int(len(s["ok"])), "align": float(s["ok"].mean()),
             "same_reading": float(s["same"].mean()), "verdict_agree": float((s["ok"] == fp["ok"]).mean()),
             "lost": int((fp["ok"] & ~s["ok"]).sum()), "gained": int((~fp["ok"] & s["ok"]).sum()),
-            "psnr": float(finite.mean()) if len(finite) else float("inf")}
+            "psnr": float(finite.mean()) if len(finite) else float("inf"),
+            **{k: float(s[k].mean()) if k in s else None for k in CLIP_KEYS}}
 
 
-def markdown(rows: list[dict[str, Any]], fp_align: float) -> str:
+CLIP_KEYS = ("clip", "clip_gap", "image_sim")
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "unavailable" if x is None else f"{x:{fmt}}"
+
+
+def markdown(rows: list[dict[str, Any]], fp_align: float, fp_clip: float | None = None) -> str:
     """The settings as a markdown table (what docs/fp-agreement.md and docs/adaround.md show)."""
     out = [f"| setting | align ↑ (FP {fp_align:.3f}) | same reading as FP ↑ | verdict agrees with FP ↑ | lost | gained "
-           "| PSNR ↑ |", "|---|---|---|---|---|---|---|"]
+           f"| PSNR ↑ | CLIP (FP {_f(fp_clip, '.4f')}) | CLIP gap to FP ↓ | CLIP image sim. to FP ↑ |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['label']} | {r['align']:.3f} | {r['same_reading']:.3f} | {r['verdict_agree']:.3f} | "
-                   f"{r['lost']} | {r['gained']} | {r['psnr']:.2f} |")
+                   f"{r['lost']} | {r['gained']} | {r['psnr']:.2f} | {_f(r.get('clip'), '.4f')} | "
+                   f"{_f(r.get('clip_gap'), '.4f')} | {_f(r.get('image_sim'), '.4f')} |")
     return "\n".join(out) + "\n"
 
 
@@ -120,15 +167,16 @@ def _db(x: float | None) -> str:
 def pairs_markdown(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
     """The paired comparisons as a markdown table, settings named by their labels."""
     label = {r["setting"]: r["label"] for r in rows}
-    out = ["| A vs B | same reading, A − B | read as FP only by A / only by B | sign test p | PSNR, A − B |",
-           "|---|---|---|---|---|"]
+    out = ["| A vs B | same reading, A − B | read as FP only by A / only by B | sign test p | PSNR, A − B "
+           "| CLIP gap to FP, A − B |", "|---|---|---|---|---|---|"]
     def ci(v: list[float] | None, fmt: str) -> str:
         return "" if v is None else f" [{v[0]:{fmt}}, {v[1]:{fmt}}]"
 
     for c in pairs:
         out.append(f"| {label.get(c['a'], c['a'])} vs {label.get(c['b'], c['b'])} | {c['same_reading_diff']:+.3f}"
                    f"{ci(c.get('same_reading_ci95'), '+.3f')} | {c['only_a_reads_as_fp']} / {c['only_b_reads_as_fp']} | "
-                   f"{_p(c['sign_test_p'])} | {_db(c['psnr_diff'])}{ci(c.get('psnr_ci95'), '+.2f')} |")
+                   f"{_p(c['sign_test_p'])} | {_db(c['psnr_diff'])}{ci(c.get('psnr_ci95'), '+.2f')} | "
+                   f"{_f(c.get('clip_gap_diff'), '+.4f')}{ci(c.get('clip_gap_ci95'), '+.4f')} |")
     return "\n".join(out) + "\n"
 
 
@@ -144,7 +192,16 @@ def compare(a: str, b: str, sa: dict[str, Any], sb: dict[str, Any]) -> dict[str,
             "only_a_reads_as_fp": only_a, "only_b_reads_as_fp": only_b,
             "sign_test_p": sign_test(only_a, only_a + only_b),
             "psnr_diff": float(d_psnr.mean()) if len(d_psnr) else None,
-            "psnr_ci95": bootstrap_ci(d_psnr) if len(d_psnr) else None, "psnr_n": int(keep.sum())}
+            "psnr_ci95": bootstrap_ci(d_psnr) if len(d_psnr) else None, "psnr_n": int(keep.sum()),
+            **clip_compare(sa, sb)}
+
+
+def clip_compare(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
+    """Paired CLIP-gap difference (negative: A's images keep FP's CLIP score more closely)."""
+    if "clip_gap" not in sa or "clip_gap" not in sb:
+        return {"clip_gap_diff": None, "clip_gap_ci95": None}
+    d = sa["clip_gap"] - sb["clip_gap"]
+    return {"clip_gap_diff": float(d.mean()), "clip_gap_ci95": bootstrap_ci(d)}
 
 
 def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,6 +221,8 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
         row = {"setting": lab, "label": lab, "n": n}
         for k in ("align", "same_reading", "verdict_agree", "psnr"):
             row[k] = sum(x[k] * x["n"] for x in xs) / n
+        for k in CLIP_KEYS:
+            row[k] = _weighted([(x.get(k), x["n"]) for x in xs])
         row.update(lost=sum(x["lost"] for x in xs), gained=sum(x["gained"] for x in xs))
         rows.append(row)
     pairs = []
@@ -183,9 +242,19 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
                       "sign_test_p": sign_test(a_only, a_only + b_only),
                       "psnr_diff": (sum(c["psnr_n"] * c["psnr_diff"] for _, c in cs if c["psnr_n"])
                                     / sum(c["psnr_n"] for _, c in cs)) if any(c["psnr_n"] for _, c in cs) else None,
-                      "psnr_n": sum(c["psnr_n"] for _, c in cs)})
+                      "psnr_n": sum(c["psnr_n"] for _, c in cs),
+                      "clip_gap_diff": _weighted([(c.get("clip_gap_diff"), n) for n, c in cs])})
     fp_align = sum(r["fp_align"] * r["n"] for r in results) / n_all
-    return {"runs": [r["run"] for r in results], "n": n_all, "fp_align": fp_align, "settings": rows, "pairs": pairs}
+    fp_clip = _weighted([(r.get("fp_clip"), r["n"]) for r in results])
+    return {"runs": [r["run"] for r in results], "n": n_all, "fp_align": fp_align, "fp_clip": fp_clip,
+            "settings": rows, "pairs": pairs}
+
+
+def _weighted(values: list[tuple[float | None, int]]) -> float | None:
+    """The count-weighted mean, None when any part lacks the value (a run scored without CLIP)."""
+    if any(v is None for v, _ in values):
+        return None
+    return sum(v * n for v, n in values) / sum(n for _, n in values)
 
 
 def _label_in(result: dict[str, Any], setting: str) -> str:
@@ -209,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N images only")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--markdown", action="store_true", help="print the settings as a markdown table too")
+    ap.add_argument("--no-clip", action="store_true", help="leave out the domain-CLIP columns")
     ap.add_argument("--pool", nargs="+", metavar="JSON", default=None,
                     help="instead: pool the --json files of several runs (settings and pairs matched by label)")
     a = ap.parse_args(argv)
@@ -218,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, KeyError, StopIteration) as e:
             print(f"error: cannot pool {a.pool}: {e!r}", file=sys.stderr)
             return 2
-        print(f"{pooled['n']} images in {len(a.pool)} runs, FP align {pooled['fp_align']:.3f}")
-        print(markdown(pooled["settings"], pooled["fp_align"]), end="")
+        print(f"{pooled['n']} images in {len(a.pool)} runs, FP align {pooled['fp_align']:.3f}, "
+              f"FP CLIP {_f(pooled['fp_clip'], '.4f')}")
+        print(markdown(pooled["settings"], pooled["fp_align"], pooled["fp_clip"]), end="")
         print()
         print(pairs_markdown(pooled["settings"], pooled["pairs"]), end="")
         if a.json:
@@ -260,18 +331,25 @@ def main(argv: list[str] | None = None) -> int:
         fp_images = _images(run / "fp", n)
         ev = load_evaluator()
         fp = {"pixels": to_uint8_batch(fp_images), **read(ev, fp_images, prompts)}
-        per = {name: per_image(ev, _images(folder, n), prompts, fp) for name, folder in folders.items()}
+        clip, why = clip_reader(prompts) if not a.no_clip else (None, "not asked for (--no-clip)")
+        if clip is None:
+            print(f"CLIP columns unavailable: {why}", file=sys.stderr)
+        else:
+            fp.update(clip.read(fp_images))
+        per = {name: per_image(ev, _images(folder, n), prompts, fp, clip) for name, folder in folders.items()}
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     rows = [summary(name, per[name], fp, labels.get(name) or label_of(folder, name)) for name, folder in folders.items()]
-    print(f"{n} images, FP align {fp['ok'].mean():.3f}  ({run})")
+    fp_clip = float(fp["clip"].mean()) if "clip" in fp else None
+    print(f"{n} images, FP align {fp['ok'].mean():.3f}, FP CLIP {_f(fp_clip, '.4f')}  ({run})")
     print(f"{'setting':44s} {'align':>6s} {'same reading':>12s} {'verdict agree':>13s} {'lost':>5s} "
-          f"{'gained':>6s} {'PSNR':>7s}")
+          f"{'gained':>6s} {'PSNR':>7s} {'CLIP':>7s} {'CLIP gap':>8s} {'img sim':>7s}")
     for r in rows:
         print(f"{r['setting']:44s} {r['align']:6.3f} {r['same_reading']:12.3f} {r['verdict_agree']:13.3f} "
-              f"{r['lost']:5d} {r['gained']:6d} {r['psnr']:7.2f}")
+              f"{r['lost']:5d} {r['gained']:6d} {r['psnr']:7.2f} {_f(r['clip'], '7.4f')} "
+              f"{_f(r['clip_gap'], '8.4f')} {_f(r['image_sim'], '7.4f')}")
     cmp = [compare(x, y, per[x], per[y]) for x, y in pairs]
     for c in cmp:
         lo, hi = c["same_reading_ci95"]
@@ -279,17 +357,19 @@ def main(argv: list[str] | None = None) -> int:
                                       " [{:+.2f}, {:+.2f}]".format(*c["psnr_ci95"]))
         print(f"{c['a']} vs {c['b']}: same reading {c['same_reading_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
               f"reads as FP only in A {c['only_a_reads_as_fp']} / only in B {c['only_b_reads_as_fp']} "
-              f"(sign test p = {c['sign_test_p']:.3f}); PSNR {psnr}")
+              f"(sign test p = {c['sign_test_p']:.3f}); PSNR {psnr}; CLIP gap "
+              + ("unavailable" if c["clip_gap_diff"] is None else
+                 "{:+.4f} [{:+.4f}, {:+.4f}]".format(c["clip_gap_diff"], *c["clip_gap_ci95"])))
     if a.markdown:
         print()
-        print(markdown(rows, float(fp["ok"].mean())), end="")
+        print(markdown(rows, float(fp["ok"].mean()), fp_clip), end="")
         if cmp:
             print()
             print(pairs_markdown(rows, cmp), end="")
     if a.json:
         from dgq.eval.plan import write_json  # noqa: PLC0415 - atomic
 
-        write_json(Path(a.json), {"run": str(run), "n": n, "fp_align": float(fp["ok"].mean()),
+        write_json(Path(a.json), {"run": str(run), "n": n, "fp_align": float(fp["ok"].mean()), "fp_clip": fp_clip,
                                   "settings": rows, "pairs": cmp})
     return 0
 

@@ -11,6 +11,7 @@ import torch
 
 from dgq.paths import TINY_DIR
 from dgq.tiny import clip as TC
+from dgq.tiny import train as T
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,9 @@ def test_a_short_training_run_saves_its_settings_and_continues(tmp_path):
     again = tmp_path / "again"
     TC.train(again, seconds=1.0, init_text=None, n_images=32, batch=8, threads=1, init=path)
     assert (again / "clip.safetensors").is_file()
+    # a deeper text tower (same width, so the same UNet fits), its first layers from a 2-layer one
+    deep = tmp_path / "deep"
+    TC.train(deep, seconds=1.0, init_text=T.DEFAULT_BASE, n_images=32, batch=8, threads=1, text_layers=4)
+    with safe_open(str(deep / "clip.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    assert meta["config"]["text_config"]["num_hidden_layers"] == 4 and meta["device"] == "cpu"

@@ -69,8 +69,16 @@ def test_copies_read_as_fp_and_changed_scenes_do_not(tmp_path: Path, capsys) -> 
     assert rows["copy"]["same_reading"] == 1.0 and rows["copy"]["verdict_agree"] == 1.0
     assert rows["copy"]["psnr"] == float("inf")
     assert rows["swap"]["same_reading"] <= 8 / 12 + 1e-9
+    # the domain CLIP: a copy keeps every image's CLIP score; recoloured objects move it and the image
+    assert rows["copy"]["clip_gap"] == pytest.approx(0, abs=1e-6)
+    assert rows["copy"]["image_sim"] == pytest.approx(1, abs=1e-5)
+    assert rows["copy"]["clip"] == pytest.approx(got["fp_clip"], abs=1e-6)
+    assert rows["swap"]["clip_gap"] > 1e-3 and rows["swap"]["image_sim"] < 1 - 1e-3
     (pair,) = got["pairs"]
     assert pair["only_b_reads_as_fp"] == 0 and pair["only_a_reads_as_fp"] >= 4
+    assert pair["clip_gap_diff"] == pytest.approx(-rows["swap"]["clip_gap"], abs=1e-6)
+    lo, hi = pair["clip_gap_ci95"]
+    assert lo <= pair["clip_gap_diff"] <= hi
     assert pair["same_reading_diff"] == pytest.approx(1 - rows["swap"]["same_reading"])
     assert "copy vs swap" in capsys.readouterr().out
 
@@ -90,14 +98,16 @@ def test_the_docs_table_is_the_stored_run_and_matches_the_paper_tables() -> None
     root = Path(__file__).resolve().parents[1]
     got = json.loads((root / "docs/results/fp-agreement.json").read_text())
     doc = (root / "docs/fp-agreement.md").read_text()
-    assert FA.markdown(got["settings"], got["fp_align"]) in doc
+    assert FA.markdown(got["settings"], got["fp_align"], got["fp_clip"]) in doc
     assert FA.pairs_markdown(got["settings"], got["pairs"]) in doc
-    # the same images as Table 2: each setting's alignment and PSNR equal the eval's own figures
+    # the same images as Table 2: each setting's alignment, PSNR and CLIP score equal the eval's own figures
     table2 = {s["label"]: s["metrics"] for s in json.loads((root / "docs/results/results.json").read_text())["settings"]}
     for r in got["settings"]:
         m = table2[r["label"]]
         assert r["align"] == pytest.approx(m["align_all"]) and r["psnr"] == pytest.approx(m["psnr"], abs=0.01)
+        assert r["clip"] == pytest.approx(m["clip_score"], abs=1e-4)
     assert got["fp_align"] == pytest.approx(table2["FP32"]["align_all"])
+    assert got["fp_clip"] == pytest.approx(table2["FP32"]["clip_score"], abs=1e-4)
 
 
 def test_runs_on_other_prompts_pool_by_label(tmp_path: Path) -> None:
@@ -121,6 +131,8 @@ def test_runs_on_other_prompts_pool_by_label(tmp_path: Path) -> None:
     parts = [json.loads(o.read_text()) for o in outs]
     want = sum(p["settings"][1]["same_reading"] * 6 for p in parts) / 12
     assert rows["changed"]["same_reading"] == pytest.approx(want)
+    assert rows["changed"]["clip_gap"] == pytest.approx(sum(p["settings"][1]["clip_gap"] * 6 for p in parts) / 12)
+    assert pooled["fp_clip"] == pytest.approx(sum(p["fp_clip"] for p in parts) / 2)
     (pair,) = pooled["pairs"]
     a_only = sum(p["pairs"][0]["only_a_reads_as_fp"] for p in parts)
     assert pair["a"] == "K=1 as is" and pair["only_a_reads_as_fp"] == a_only >= 5
@@ -133,7 +145,7 @@ def test_the_adaround_tables_are_the_stored_runs_and_the_pool_is_their_sum() -> 
     runs = {n: json.loads((root / f"docs/results/adaround-agree-{n}.json").read_text()) for n in (200, 600, 800)}
     doc = (root / "docs/adaround.md").read_text()
     for n in (600, 800):
-        assert FA.markdown(runs[n]["settings"], runs[n]["fp_align"]) in doc
+        assert FA.markdown(runs[n]["settings"], runs[n]["fp_align"], runs[n]["fp_clip"]) in doc
         assert FA.pairs_markdown(runs[n]["settings"], runs[n]["pairs"]) in doc
     again = FA.pool([runs[200], runs[600]])
     assert again["n"] == 800 and again["settings"] == runs[800]["settings"] and again["pairs"] == runs[800]["pairs"]
@@ -143,3 +155,4 @@ def test_the_adaround_tables_are_the_stored_runs_and_the_pool_is_their_sum() -> 
         if r["label"].endswith(("nearest", "AdaRound")):
             m = table2[r["label"].removesuffix(" nearest")]
             assert r["align"] == pytest.approx(m["align_all"]) and r["psnr"] == pytest.approx(m["psnr"], abs=0.01)
+            assert r["clip"] == pytest.approx(m["clip_score"], abs=1e-4)

@@ -193,3 +193,38 @@ def test_frozen_text_tower_and_training_captions(latents, tmp_path):
     with pytest.raises(ValueError, match="captions must be"):
         T.train_size("s", latents, T.DEFAULT_BASE, out, seconds=0.1, batch=2, lr=0.0, device="cpu", seed=0,
                      save_every=1e9, eval_n=0, captions="free")
+
+
+def test_cached_token_ids_equal_the_tokenizer():
+    """The word-cached caption ids (a million-latent table in seconds) are the tokenizer's own."""
+    import random
+
+    from dgq.tiny.captions import scene_of, training_caption
+    from dgq.tiny.tokenizer import build_clip_tokenizer
+
+    tok = build_clip_tokenizer()
+    rng = random.Random(0)
+    caps = [training_caption(scene_of(s), rng, 0.5, 0.5) for s in range(300)]
+    caps += ["", "  A  RED,circle.  left ", "word " * 90]  # empty, odd spacing/case/punctuation, truncated
+    want = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(T.token_ids(tok, caps), want)
+
+
+def test_a_deeper_frozen_tower_trains_and_exports(latents, tmp_path):
+    """A frozen text tower deeper than the size's own (same width) conditions the UNet and is exported."""
+    from dgq.tiny.models import make_text_encoder
+
+    tower = tmp_path / "tower6"
+    make_text_encoder("m", layers=6).save_pretrained(str(tower), safe_serialization=True)
+    out = tmp_path / "deep"
+    out.mkdir()
+    T.train_size("m", latents, T.DEFAULT_BASE, out, seconds=1.0, batch=2, lr=1e-3, device="cpu", seed=0,
+                 save_every=1e9, eval_n=0, text_encoder=tower, captions="train")
+    _, _, text_sd = T._read_save(out / "m.safetensors")
+    assert T.text_layers(text_sd) == 6
+    folder = tmp_path / "deep-pipe"
+    T.export(out / "m.safetensors", folder, guidance=3.0)
+    pipe = dgq.load_pipeline(str(folder), device="cpu")
+    assert pipe.text_encoder.config.num_hidden_layers == 6
+    with pytest.raises(ValueError, match="no encoder.layers"):
+        T.text_layers({"unet.conv_in.weight": torch.zeros(1)})

@@ -107,13 +107,15 @@ def _scene(seed: int):
 def train(out: Path, seconds: float, init_text: Path | None, n_images: int = 40_000, batch: int = 256,
           lr: float = 1e-3, text_lr: float = 3e-4, seed: int = 0, paraphrase_p: float = 0.5,
           background_p: float = 0.5, threads: int | None = None, init: Path | None = None,
-          freeze_text: bool = False) -> dict:
+          freeze_text: bool = False, text_layers: int | None = None, device: str = "cpu") -> dict:
     """Train the domain CLIP for `seconds`; writes `out/clip.safetensors` (atomically, at the end and
     every 2 minutes) and returns the last log point. `init_text`: a pipeline folder or trainer save
     whose text encoder starts the text tower (the base model's), else random. `init`: an earlier
     `clip.safetensors` to continue from (fresh optimizer and schedule). `freeze_text`: train the
     image tower, both projections and the temperature only — the text tower stays as it is, so a
-    UNet already training on it keeps its conditioning."""
+    UNet already training on it keeps its conditioning. `text_layers`: a text tower of that depth
+    (width 64 as the pipeline's; with `init_text`, the layers both have start from it, the rest
+    random). `device`: where the model trains (renders and augmentation stay on the CPU)."""
     from transformers import CLIPTokenizer  # noqa: PLC0415
 
     from dgq.tiny.captions import training_caption  # noqa: PLC0415
@@ -124,14 +126,20 @@ def train(out: Path, seconds: float, init_text: Path | None, n_images: int = 40_
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    text = make_text_encoder("m")
+    text = make_text_encoder("m", text_layers)
     if init_text is not None:
         _, text_sd, _, _ = load_weights(init_text)
-        text.load_state_dict(text_sd)
+        missing, unexpected = text.load_state_dict(text_sd, strict=text_layers is None)
+        if len(unexpected) == len(text_sd):
+            raise ValueError(f"no tensor of {init_text}'s text encoder fits the text tower")
+        if missing or unexpected:
+            log.info("text tower: %d tensors from %s, %d new, %d of it unused", len(text_sd) - len(unexpected),
+                     init_text, len(missing), len(unexpected))
     model = make_clip(text.config)
     model.text_model.load_state_dict(text.state_dict())
     if init is not None:
         model.load_state_dict(load_file(str(init)))
+    model.to(device)
     tok = CLIPTokenizer.from_pretrained(str(TINY_DIR / "tokenizer"))
     t0 = time.time()
     seeds = list(range(CLIP_TRAIN_SEED, CLIP_TRAIN_SEED + n_images))
@@ -152,6 +160,7 @@ def train(out: Path, seconds: float, init_text: Path | None, n_images: int = 40_
     # what every save records besides the step and the last log point
     run = {"batch": batch, "paraphrase_p": paraphrase_p, "background_p": background_p, "n_images": n_images,
            "first_seed": CLIP_TRAIN_SEED, "history": [], "init_text": str(init_text) if init_text else None,
+           "device": device,
            "config": model.config.to_dict()}
     accs: list[float] = []
     losses: list[float] = []
@@ -162,7 +171,8 @@ def train(out: Path, seconds: float, init_text: Path | None, n_images: int = 40_
         idx = torch.randint(0, n_images, (batch,), generator=gen)
         caps = [training_caption(scenes[i], rng, paraphrase_p, background_p) for i in idx.tolist()]
         ids = tok(caps, padding="max_length", max_length=TRAIN_TOKENS, truncation=True, return_tensors="pt")
-        o = model(input_ids=ids.input_ids, pixel_values=_augment(images[idx], gen), return_loss=True)
+        o = model(input_ids=ids.input_ids.to(device), pixel_values=_augment(images[idx], gen).to(device),
+                  return_loss=True)
         opt.zero_grad(set_to_none=True)
         o.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -171,7 +181,7 @@ def train(out: Path, seconds: float, init_text: Path | None, n_images: int = 40_
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
         losses.append(o.loss.item())
-        accs.append((o.logits_per_image.argmax(1) == torch.arange(batch)).float().mean().item())
+        accs.append((o.logits_per_image.argmax(1).cpu() == torch.arange(batch)).float().mean().item())
         if step % 100 == 0:
             point = {"step": step, "seconds": round(time.time() - t0), "loss": float(np.mean(losses)),
                      "batch_acc": float(np.mean(accs)), "temperature": float(1 / model.logit_scale.exp())}
@@ -187,7 +197,7 @@ def train(out: Path, seconds: float, init_text: Path | None, n_images: int = 40_
 
 
 def _save_train(model, out: Path, meta: dict, atomic_save) -> None:
-    atomic_save({k: v.detach() for k, v in model.state_dict().items()}, out / "clip.safetensors", meta)
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "clip.safetensors", meta)
 
 
 # ----------------------------------------------------------------------------- shipped folder
@@ -367,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--init", default=None, help="a clip.safetensors to continue from")
     t.add_argument("--freeze-text", action="store_true", help="keep the text tower as it is (image side only)")
+    t.add_argument("--text-layers", type=int, default=None, help="text tower depth (default: the pipeline's, 2)")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e = sub.add_parser("export", help="write the CLIP folder (and the pipeline's text encoder) from a save")
     e.add_argument("--weights", required=True)
     e.add_argument("--out", default=str(CLIP_DIR))
@@ -380,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "train":
         train(Path(a.out), a.seconds, Path(a.init_text) if a.init_text else None, a.n_images, a.batch, a.lr,
               a.text_lr, paraphrase_p=a.paraphrase_p, background_p=a.background_p, threads=a.threads,
-              init=Path(a.init) if a.init else None, freeze_text=a.freeze_text)
+              init=Path(a.init) if a.init else None, freeze_text=a.freeze_text, text_layers=a.text_layers,
+              device=a.device)
     elif a.cmd == "export":
         export(Path(a.weights), Path(a.out), Path(a.text_out) if a.text_out else None, a.full)
     else:

@@ -77,12 +77,14 @@ def make_unet(arch: str = "s") -> UNet2DConditionModel:
     )
 
 
-def make_text_encoder(arch: str = "s") -> CLIPTextModel:
+def make_text_encoder(arch: str = "s", layers: int | None = None) -> CLIPTextModel:
+    """The arch's text encoder; `layers` overrides its depth (a deeper tower for the same UNet:
+    the width, and so the UNet's cross-attention dimension, stays 64)."""
     cfg = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=64,
         intermediate_size=256,
-        num_hidden_layers=_arch(arch).text_layers,
+        num_hidden_layers=layers or _arch(arch).text_layers,
         num_attention_heads=2,
         max_position_embeddings=77,
         hidden_act="quick_gelu",

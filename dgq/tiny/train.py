@@ -32,6 +32,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,8 +163,33 @@ def _caption_variants(n: int, tok, paraphrase_p: float, background_p: float, see
     for s in range(n):
         scene = scene_of(s)
         caps += [training_caption(scene, rng, paraphrase_p, background_p) for _ in range(k)]
-    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    return ids.view(n, k, 77).int()
+    return token_ids(tok, caps).view(n, k, 77).int()
+
+
+def token_ids(tok, captions: list[str], length: int = 77) -> torch.Tensor:
+    """`tok(captions, padding="max_length", max_length=length).input_ids`, word by word from a cache.
+
+    Why: a million latents carry four million captions, which the tokenizer takes minutes over,
+    while the domain writes a few hundred distinct words. CLIP's pre-tokenizer never joins text
+    across whitespace, so a caption's ids are `<start>`, the ids of each whitespace-separated
+    word in turn, `<end>`, then padding (tests/test_train.py checks equality with the tokenizer)."""
+    words: dict[str, list[int]] = {}
+    rows: dict[str, np.ndarray] = {}
+    bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    out = np.empty((len(captions), length), dtype=np.int64)
+    for i, cap in enumerate(captions):
+        row = rows.get(cap)
+        if row is None:
+            ids = [bos]
+            for w in cap.split():
+                got = words.get(w)
+                if got is None:
+                    got = words[w] = tok(w, add_special_tokens=False).input_ids
+                ids += got
+            ids = ids[:length - 1] + [eos]
+            row = rows[cap] = np.array(ids + [pad] * (length - len(ids)), dtype=np.int64)
+        out[i] = row
+    return torch.from_numpy(out)
 
 
 def _read_save(path: Path) -> tuple[dict, dict, dict]:
@@ -465,6 +491,15 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
 
 
 # ----------------------------------------------------------------------------- export
+def text_layers(text_sd: dict[str, torch.Tensor]) -> int:
+    """How many transformer layers a text encoder's state dict holds (a frozen tower may be deeper
+    than its UNet size's own encoder)."""
+    idx = {int(m.group(1)) for k in text_sd if (m := re.search(r"(?:^|\.)encoder\.layers\.(\d+)\.", k))}
+    if not idx:
+        raise ValueError("not a CLIPTextModel state dict: no encoder.layers.* tensors")
+    return max(idx) + 1
+
+
 def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float | None = None) -> None:
     """A `StableDiffusionPipeline` folder from trained weights + the base's VAE and tokenizer.
 
@@ -477,7 +512,7 @@ def export(weights: Path, out: Path, base: Path = DEFAULT_BASE, guidance: float 
     from dgq.tiny.tokenizer import build_clip_tokenizer  # noqa: PLC0415
 
     meta, unet_sd, text_sd = _read_save(weights)
-    unet, text = make_unet(meta["size"]), make_text_encoder(meta["size"])
+    unet, text = make_unet(meta["size"]), make_text_encoder(meta["size"], text_layers(text_sd))
     unet.load_state_dict(unet_sd)
     text.load_state_dict(text_sd)
     # built from the architecture + weights, not from_pretrained: a re-saved config would record
