@@ -9,7 +9,7 @@ choose another). `--paraphrased` generates from paraphrases of the same scenes
 (`dgq.tiny.captions.paraphrased_prompts`: other words for sizes, colours, positions, backgrounds)
 and scores each image against its scene's template caption, the grammar the evaluator reads.
 
-    python -m dgq.tiny.report --n 240 --paraphrased --out docs/tiny-quality-paraphrased.json --grid ""
+    python -m dgq.tiny.report --n 240 --paraphrased --out docs/tiny-quality-paraphrased.json
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own)")
     p.add_argument("--out", default="docs/tiny-quality.json")
-    p.add_argument("--grid", default="docs/img/tiny-fp-grid.png")
+    p.add_argument("--grid", default="", help="also write a sample grid here (the README's: docs/img/tiny-fp-grid.png)")
     p.add_argument("--paraphrased", action="store_true", help="prompts in words the template never writes")
     p.add_argument("--first-seed", type=int, default=HELD_OUT_SEED, help="renderer seed of the first prompt")
     p.add_argument("--write-prompts", default=None, metavar="FILE",
