@@ -5,6 +5,9 @@
 # OUT=runs/adaround600 SHARDS=2 bash benchmarks/adaround_eval.sh`), each read by the shapes
 # evaluator against the FP image of the same seed, then pooled. LONG200 / LONG600: the same
 # settings' folders made with a longer reconstruction (`ROUNDING_FILE=…`; left out when unset).
+# QSTATS="w4a6 w4a8": also the widths' DGQ images calibrated on the quantized network, the authors'
+# way (`benchmarks/adaround_stats.py --run RUN --w-bits 4 --a-bits A --rounding nearest|adaround`
+# writes RUN/dgq-w4aA-k16[-adaround]-qstats), AdaRound against nearest with those statistics.
 # Scoring only, about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +18,11 @@ one() {  # run folder, long-rounding folder or "", json out
     local WA=${wa^^}
     s+="DGQ $WA K=16 nearest=dgq-$wa-k16,DGQ $WA K=16 AdaRound=dgq-$wa-k16-adaround,"
     pairs+=(--pair "dgq-$wa-k16-adaround:dgq-$wa-k16")
+    if [[ " ${QSTATS:-} " == *" $wa "* ]]; then
+      s+="DGQ $WA K=16 nearest (quantized-network statistics)=dgq-$wa-k16-qstats,"
+      s+="DGQ $WA K=16 AdaRound (quantized-network statistics)=dgq-$wa-k16-adaround-qstats,"
+      pairs+=(--pair "dgq-$wa-k16-adaround-qstats:dgq-$wa-k16-qstats")
+    fi
     if [ -n "$long" ]; then
       s+="DGQ $WA K=16 AdaRound long=$long/dgq-$wa-k16-adaround,"
       pairs+=(--pair "$long/dgq-$wa-k16-adaround:dgq-$wa-k16")

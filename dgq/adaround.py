@@ -262,10 +262,12 @@ def file_stem(weights: str, bits: int, key: str) -> str:
 
 
 def candidates(folders: list[Path], weights: str, bits: int, prefer: dict[str, Any] | None = None,
-               name: str = "adaround") -> list[Path]:
+               name: str = "adaround", search: str | None = None) -> list[Path]:
     """Stored roundings `name` ("adaround" | "adaround-tiar") for (weights, bits) in `folders`,
     best first: those made with the `prefer`red settings (default: `ReconSettings()`'s) first,
-    then the others newest first (by their recorded creation time)."""
+    then the others newest first (by their recorded creation time). `search`: only roundings
+    learned on that weight-range search ("mse" | "minmax"): a rounding's codes hold only with the
+    ranges it was learned on, so another search's file would be offered and then not apply."""
     prefer = ReconSettings(tiar=name == "adaround-tiar").to_dict() if prefer is None else prefer
     found: list[tuple[int, float, Path]] = []
     for order, folder in enumerate(folders):
@@ -277,7 +279,7 @@ def candidates(folders: list[Path], weights: str, bits: int, prefer: dict[str, A
                 meta = Rounding.read_meta(p, {"weights": weights, "bits": bits})
             except RoundingMismatch:
                 continue
-            if rounding_name(meta) != name:
+            if rounding_name(meta) != name or (search is not None and meta.get("search") != search):
                 continue
             exact = meta.get("settings") == prefer
             found.append((0 if exact else 1, -float(meta.get("created", 0)) + order * 1e-3, p))
@@ -286,8 +288,9 @@ def candidates(folders: list[Path], weights: str, bits: int, prefer: dict[str, A
 
 def load_best(folders: list[Path], weights: str, bits: int, layers: dict,
               prefer: dict[str, Any] | None = None, name: str = "adaround") -> Rounding | None:
-    """The first stored rounding `name` for (weights, bits) that loads, verifies and fits `layers`."""
-    for p in candidates(folders, weights, bits, prefer, name):
+    """The first stored rounding `name` for (weights, bits) that loads, verifies and fits `layers`,
+    learned on the weight-range search those layers use."""
+    for p in candidates(folders, weights, bits, prefer, name, search=layers_search(layers)):
         try:
             r = Rounding.load(p, {"weights": weights, "bits": bits}, layers)
         except RoundingMismatch as e:
@@ -296,6 +299,12 @@ def load_best(folders: list[Path], weights: str, bits: int, layers: dict,
         log.info("rounding W%d loaded from %s", bits, p)
         return r
     return None
+
+
+def layers_search(layers: dict) -> str | None:
+    """The weight-range search ("mse" | "minmax") of wrapped layers (None: no layer)."""
+    first = next(iter(layers.values()), None)
+    return None if first is None else str(first.weight_search)
 
 
 def rounding_folders(model_id: str) -> list[Path]:

@@ -284,7 +284,8 @@ class Studio:
 
         if (bits, name) in self._roundings:
             return True
-        return bool(AR.candidates(self.rounding_folders(), weights_fingerprint(self.pipe.unet), bits, name=name))
+        return bool(AR.candidates(self.rounding_folders(), weights_fingerprint(self.pipe.unet), bits, name=name,
+                                  search=AR.layers_search(self._qlayers)))
 
     def load_rounding(self, bits: int, name: str = "adaround") -> bool:
         """Install the stored learned rounding `name` at `bits` on the layers (once; well under a
@@ -315,7 +316,7 @@ class Studio:
             r = AR.Rounding.load(path, {"weights": weights_fingerprint(self.pipe.unet)}, self._qlayers)
         except AR.RoundingMismatch as e:
             raise ValueError(f"rounding file {path}: {e}") from None
-        search = next(iter(self._qlayers.values())).weight_search
+        search = AR.layers_search(self._qlayers)
         if r.search != search:
             raise ValueError(f"rounding file {path} was learned on {r.search}-searched weight ranges, these layers "
                              f"use {search} (pass the matching weight search)")

@@ -239,6 +239,27 @@ def test_a_rounding_chosen_by_path_replaces_the_looked_up_one(random_pipe, rando
                  "--prompt", "a red circle", "--out", str(tmp_path / "x.png"), "--steps", "1"]) == 2
 
 
+def test_lookup_offers_only_roundings_of_the_layers_weight_search(random_pipe, random_calib, rounding, tmp_path,
+                                                                    monkeypatch):
+    """A rounding learned on another weight-range search is not offered (its codes would not apply)."""
+    import dataclasses
+
+    import dgq
+    from dgq.fingerprint import weights_fingerprint
+
+    monkeypatch.setenv("DGQ_CACHE", str(tmp_path))
+    other = dataclasses.replace(rounding, search="minmax",
+                                meta={k: v for k, v in rounding.meta.items() if k != "sha256"})
+    other.save(tmp_path / "adaround" / AR.file_stem(rounding.meta["weights"], 3, "minmax0000"))
+    studio = dgq.Studio(random_pipe, random_calib, range_cache=False)
+    fp = weights_fingerprint(random_pipe.unet)
+    folders = studio.rounding_folders()
+    assert len(AR.candidates(folders, fp, 3)) == 1 and AR.candidates(folders, fp, 3, search="mse") == []
+    assert not studio.has_rounding(3) and not studio.load_rounding(3)
+    rounding.save(tmp_path / "adaround" / AR.file_stem(rounding.meta["weights"], 3, rounding.meta["settings_key"]))
+    assert studio.has_rounding(3) and studio.load_rounding(3) and studio.rounding(3).search == "mse"
+
+
 # ----------------------------------------------------------------------------- configs and CLI
 def test_config_weight_rounding_field():
     c = DGQConfig(w_bits=4, a_bits=6, weight_rounding="adaround")
