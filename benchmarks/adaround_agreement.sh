@@ -28,7 +28,7 @@ one() {  # run folder, long-rounding folder or "", json out
       pairs+=(--pair "$long/dgq-$wa-k16-adaround:dgq-$wa-k16")
     fi
   done
-  python -m benchmarks.fp_agreement --run "$run" --settings "${s%,}" "${pairs[@]}" --json "$json"
+  python -m benchmarks.fp_agreement --run "$run" --settings "${s%,}" "${pairs[@]}" --json "$json" --per-image
 }
 one runs/results/bars "${LONG200:-}" "$OUTD/adaround-agree-200.json"
 one runs/adaround600 "${LONG600:-}" "$OUTD/adaround-agree-600.json"

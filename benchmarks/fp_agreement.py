@@ -206,8 +206,8 @@ def clip_compare(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
 
 def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several runs' figures (their --json files) as one, settings and pairs matched by label:
-    means weighted by image counts, counts summed, the sign test on the summed counts (no
-    interval: the per-image values are not stored)."""
+    means weighted by image counts, counts summed, the sign test on the summed counts, and paired
+    intervals over all images when every run stored its per-image values (`--per-image`)."""
     def by_label(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return {x["label"]: x for x in r["settings"]}
 
@@ -236,7 +236,7 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
         if len(cs) != len(results):
             continue
         a_only, b_only = sum(c["only_a_reads_as_fp"] for _, c in cs), sum(c["only_b_reads_as_fp"] for _, c in cs)
-        pairs.append({"a": key[0], "b": key[1],
+        pairs.append({"a": key[0], "b": key[1], **_pooled_intervals(results, cs),
                       "same_reading_diff": sum(n * c["same_reading_diff"] for n, c in cs) / n_all,
                       "only_a_reads_as_fp": a_only, "only_b_reads_as_fp": b_only,
                       "sign_test_p": sign_test(a_only, a_only + b_only),
@@ -248,6 +248,38 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
     fp_clip = _weighted([(r.get("fp_clip"), r["n"]) for r in results])
     return {"runs": [r["run"] for r in results], "n": n_all, "fp_align": fp_align, "fp_clip": fp_clip,
             "settings": rows, "pairs": pairs}
+
+
+def per_image_values(s: dict[str, Any]) -> dict[str, list]:
+    """What `--per-image` stores of one setting: enough to redo `compare` on pooled runs."""
+    out = {"same": s["same"].astype(int).tolist(),
+           "psnr": [None if not math.isfinite(v) else float(v) for v in s["psnr"]]}
+    if "clip_gap" in s:
+        out["clip_gap"] = [float(v) for v in s["clip_gap"]]
+    return out
+
+
+def _as_arrays(v: dict[str, list]) -> dict[str, np.ndarray]:
+    out = {"same": np.asarray(v["same"], dtype=bool),
+           "psnr": np.asarray([np.inf if x is None else x for x in v["psnr"]], dtype=np.float64)}
+    if "clip_gap" in v:
+        out["clip_gap"] = np.asarray(v["clip_gap"], dtype=np.float64)
+    return out
+
+
+def _pooled_intervals(results: list[dict[str, Any]], cs: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Bootstrap intervals of a pooled pair from the runs' stored per-image values ({} without)."""
+    if not all("per_image" in r for r in results):
+        return {}
+    a_parts, b_parts = [], []
+    for r, (_, c) in zip(results, cs):
+        a_parts.append(_as_arrays(r["per_image"][c["a"]]))
+        b_parts.append(_as_arrays(r["per_image"][c["b"]]))
+    join = {k: np.concatenate([p[k] for p in a_parts]) for k in a_parts[0] if all(k in p for p in a_parts + b_parts)}
+    other = {k: np.concatenate([p[k] for p in b_parts]) for k in join}
+    full = compare("a", "b", join, other)
+    keep = ["same_reading_ci95", "psnr_ci95"] + (["clip_gap_ci95"] if "clip_gap" in join else [])
+    return {k: None if full[k] is None else list(full[k]) for k in keep}  # lists: as read back from JSON
 
 
 def _weighted(values: list[tuple[float | None, int]]) -> float | None:
@@ -279,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--markdown", action="store_true", help="print the settings as a markdown table too")
     ap.add_argument("--no-clip", action="store_true", help="leave out the domain-CLIP columns")
+    ap.add_argument("--per-image", action="store_true",
+                    help="store the per-image values in --json too (then --pool gives intervals)")
     ap.add_argument("--pool", nargs="+", metavar="JSON", default=None,
                     help="instead: pool the --json files of several runs (settings and pairs matched by label)")
     a = ap.parse_args(argv)
@@ -369,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         from dgq.eval.plan import write_json  # noqa: PLC0415 - atomic
 
-        write_json(Path(a.json), {"run": str(run), "n": n, "fp_align": float(fp["ok"].mean()), "fp_clip": fp_clip,
-                                  "settings": rows, "pairs": cmp})
+        result = {"run": str(run), "n": n, "fp_align": float(fp["ok"].mean()), "fp_clip": fp_clip,
+                  "settings": rows, "pairs": cmp}
+        if a.per_image:
+            result["per_image"] = {name: per_image_values(per[name]) for name in folders}
+        write_json(Path(a.json), result)
     return 0
 
 

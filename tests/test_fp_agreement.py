@@ -120,7 +120,7 @@ def test_runs_on_other_prompts_pool_by_label(tmp_path: Path) -> None:
             image_of(scene, recolour=i < n_swapped).save(run / "other" / f"{i:05d}.png")
         outs.append(tmp_path / f"r{k}.json")
         assert FA.main(["--run", str(run), "--settings", "K=1 as is=copy,changed=other", "--pair", "copy:other",
-                        "--json", str(outs[-1])]) == 0
+                        "--json", str(outs[-1]), "--per-image"]) == 0
     one = json.loads(outs[0].read_text())
     assert [r["label"] for r in one["settings"]] == ["K=1 as is", "changed"]
     pooled_file = tmp_path / "pooled.json"
@@ -137,6 +137,11 @@ def test_runs_on_other_prompts_pool_by_label(tmp_path: Path) -> None:
     a_only = sum(p["pairs"][0]["only_a_reads_as_fp"] for p in parts)
     assert pair["a"] == "K=1 as is" and pair["only_a_reads_as_fp"] == a_only >= 5
     assert pair["sign_test_p"] == pytest.approx(FA.sign_test(a_only, a_only + pair["only_b_reads_as_fp"]))
+    # the stored per-image values give the pooled pair its intervals
+    for k, diff in (("same_reading_ci95", "same_reading_diff"), ("clip_gap_ci95", "clip_gap_diff")):
+        lo, hi = pair[k]
+        assert lo <= pair[diff] <= hi
+    assert len(parts[0]["per_image"]["other"]["same"]) == 6
     assert FA.main(["--pool", str(tmp_path / "missing.json")]) == 2
 
 
