@@ -127,6 +127,9 @@ def label_of(folder: Path, fallback: str) -> str:
         return fallback
 
 
+CLIP_KEYS = ("clip", "clip_gap", "image_sim")  # per-setting CLIP figures (None without the domain CLIP)
+
+
 def summary(name: str, s: dict[str, Any], fp: dict[str, Any], label: str | None = None) -> dict[str, Any]:
     psnr = s["psnr"]
     finite = psnr[np.isfinite(psnr)]
@@ -135,9 +138,6 @@ def summary(name: str, s: dict[str, Any], fp: dict[str, Any], label: str | None 
             "lost": int((fp["ok"] & ~s["ok"]).sum()), "gained": int((~fp["ok"] & s["ok"]).sum()),
             "psnr": float(finite.mean()) if len(finite) else float("inf"),
             **{k: float(s[k].mean()) if k in s else None for k in CLIP_KEYS}}
-
-
-CLIP_KEYS = ("clip", "clip_gap", "image_sim")
 
 
 def _f(x: float | None, fmt: str) -> str:
