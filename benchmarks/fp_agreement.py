@@ -253,10 +253,21 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
 def per_image_values(s: dict[str, Any]) -> dict[str, list]:
     """What `--per-image` stores of one setting: enough to redo `compare` on pooled runs."""
     out = {"same": s["same"].astype(int).tolist(),
-           "psnr": [None if not math.isfinite(v) else float(v) for v in s["psnr"]]}
+           "psnr": [None if not math.isfinite(v) else round(float(v), 3) for v in s["psnr"]]}
     if "clip_gap" in s:
-        out["clip_gap"] = [float(v) for v in s["clip_gap"]]
+        out["clip_gap"] = [round(float(v), 6) for v in s["clip_gap"]]
     return out
+
+
+def dump(result: dict[str, Any]) -> str:
+    """The --json text: indented, with each setting's per-image lists on one line."""
+    body = {k: v for k, v in result.items() if k != "per_image"}
+    text = json.dumps(body, indent=1, ensure_ascii=False)
+    if "per_image" in result:
+        rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+                          for k, v in result["per_image"].items())
+        text = text[:-2] + ',\n "per_image": {\n' + rows + "\n }\n}"
+    return text + "\n"
 
 
 def _as_arrays(v: dict[str, list]) -> dict[str, np.ndarray]:
@@ -401,13 +412,13 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(pairs_markdown(rows, cmp), end="")
     if a.json:
-        from dgq.eval.plan import write_json  # noqa: PLC0415 - atomic
+        from dgq.eval.plan import write_text  # noqa: PLC0415 - atomic
 
         result = {"run": str(run), "n": n, "fp_align": float(fp["ok"].mean()), "fp_clip": fp_clip,
                   "settings": rows, "pairs": cmp}
         if a.per_image:
             result["per_image"] = {name: per_image_values(per[name]) for name in folders}
-        write_json(Path(a.json), result)
+        write_text(Path(a.json), dump(result))
     return 0
 
 
