@@ -79,8 +79,6 @@ def read(ev, images: list[Image.Image], prompts: list[str]) -> dict[str, Any]:
 class ClipReader:
     """CLIP image embeddings and CLIP scores with the domain CLIP (prompt embeddings computed once)."""
 
-    chunk = 100
-
     def __init__(self, scorer, prompts: list[str]) -> None:
         self.scorer = scorer
         self.text = scorer.embed_text(prompts)  # unit vectors, no grad (DomainClipScorer)
@@ -88,7 +86,8 @@ class ClipReader:
     def read(self, images: list[Image.Image]) -> dict[str, Any]:
         import torch  # noqa: PLC0415
 
-        emb = torch.cat([self.scorer.embed_images(images[i:i + self.chunk]) for i in range(0, len(images), self.chunk)])
+        step = self.scorer.batch_size
+        emb = torch.cat([self.scorer.embed_images(images[i:i + step]) for i in range(0, len(images), step)])
         return {"emb": emb, "clip": (emb * self.text).sum(-1).double().numpy()}
 
 

@@ -269,6 +269,7 @@ def candidates(folders: list[Path], weights: str, bits: int, prefer: dict[str, A
     learned on that weight-range search ("mse" | "minmax"): a rounding's codes hold only with the
     ranges it was learned on, so another search's file would be offered and then not apply."""
     prefer = ReconSettings(tiar=name == "adaround-tiar").to_dict() if prefer is None else prefer
+    expect = {"weights": weights, "bits": bits, **({} if search is None else {"search": search})}
     found: list[tuple[int, float, Path]] = []
     for order, folder in enumerate(folders):
         if not folder.is_dir():
@@ -276,10 +277,10 @@ def candidates(folders: list[Path], weights: str, bits: int, prefer: dict[str, A
         for js in folder.glob(f"{weights}-w{bits}-*.json"):
             p = js.with_suffix("")
             try:
-                meta = Rounding.read_meta(p, {"weights": weights, "bits": bits})
+                meta = Rounding.read_meta(p, expect)
             except RoundingMismatch:
                 continue
-            if rounding_name(meta) != name or (search is not None and meta.get("search") != search):
+            if rounding_name(meta) != name:
                 continue
             exact = meta.get("settings") == prefer
             found.append((0 if exact else 1, -float(meta.get("created", 0)) + order * 1e-3, p))
