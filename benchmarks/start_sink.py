@@ -52,6 +52,26 @@ def text_states(pipe, prompts: list[str]) -> dict:
             "start_absmax": round(float(h[:, 0].abs().max()), 3), "other_absmax": round(float(h[:, 1:].abs().max()), 3)}
 
 
+@torch.no_grad()
+def tower_states(text_encoder, tokenizer, prompts: list[str]) -> list[dict]:
+    """Layer by layer through a text tower (embeddings, each layer's residual stream, the final
+    layer norm's output): the `<start>` position's mean L2 norm and largest |x| against the other
+    positions'. A "massive activation" at the first position, the mark of an attention sink in
+    large causal transformers, shows as a `<start>` max far above the others' in the stream."""
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+    rows = []
+    for i, h in enumerate([*out.hidden_states, out.last_hidden_state]):
+        h = h.float().cpu()
+        norms = h.norm(dim=-1)
+        name = "embeddings" if i == 0 else ("final layer norm" if i == len(out.hidden_states) else f"layer {i}")
+        rows.append({"at": name, "start_norm": round(float(norms[:, 0].mean()), 3),
+                     "other_norm": round(float(norms[:, 1:].mean()), 3),
+                     "start_absmax": round(float(h[:, 0].abs().max()), 3),
+                     "other_absmax": round(float(h[:, 1:].abs().max()), 3)})
+    return rows
+
+
 def measure(pipe, prompts: list[str], steps: int = 25, guidance: float | None = None) -> dict:
     """The shares of one model over `prompts` (image i from seed i)."""
     studio = dgq.Studio(pipe)
@@ -132,7 +152,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--background", choices=["template", "named", "unnamed"], default="template",
                    help="the prompts' background phrase: as the template writes it (gray implicit), always "
                         "named, or never named")
+    p.add_argument("--tower", default=None, help="a text-encoder folder (CLIPTextModel): print tower_states on the "
+                   "--n prompts, layer by layer, and stop")
     a = p.parse_args(argv)
+    if a.tower:
+        from transformers import CLIPTextModel  # noqa: PLC0415
+
+        tok = dgq.load_pipeline("tiny", device="cpu").tokenizer  # SD's tokenizer, as every tower here uses
+        for row in tower_states(CLIPTextModel.from_pretrained(a.tower).eval(), tok, _prompts(a.n, a.background)):
+            print(json.dumps(row))
+        return
     if a.table:
         print(table_markdown(json.loads(Path(a.out).read_text())))
         return

@@ -38,6 +38,12 @@ class ActReconSettings:
         p (`float`, defaults to 2.4): exponent of the reconstruction loss (Q-Diffusion's `--p`).
         steps (`int`, defaults to 25) / guidance (`float | None`): the calibration runs.
         seed (`int`, defaults to 0): sample choice and batch order.
+        attention (`bool`, defaults to True): learn every attention module's Q, K, V and
+            probability step sizes too, as Q-Diffusion does (False: they keep the light `qdiff`'s
+            MSE ranges).
+        attn_lr (`float`, defaults to 0.02): Adam's learning rate on those, relative to each
+            initial step (Q-Diffusion uses `lr` for all: at 6 bits a probability step is about
+            1e-3, which an absolute 2e-3 overshoots).
     """
 
     iters: int = 100
@@ -48,11 +54,15 @@ class ActReconSettings:
     steps: int = 25
     guidance: float | None = None
     seed: int = 0
+    attention: bool = True
+    attn_lr: float = 0.02
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("iters", "batch_size", "samples", "steps"))
-        if not self.lr > 0 or not self.p > 0:
-            raise ValueError("need lr > 0 and p > 0")
+        if not isinstance(self.attention, bool):
+            raise ValueError(f"attention must be True or False, not {self.attention!r}")
+        if not self.lr > 0 or not self.p > 0 or not self.attn_lr > 0:
+            raise ValueError("need lr > 0, attn_lr > 0 and p > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +70,8 @@ class ActReconSettings:
 
 @dataclass
 class ActRanges:
-    """Learned per-tensor (or per-half) activation ranges of every quantized layer input.
+    """Learned per-tensor (or per-half) activation ranges of every quantized layer input, and of
+    the attention modules' Q, K, V and probabilities (`<module>.q|k|v|p`; p: step, zero 0).
 
     `sites[name] = (scale, zero)`: shape [1] for one range, [C] per input channel for a split
     input (the two halves' values repeated over their channels)."""
@@ -127,6 +138,17 @@ def folders(model_id: str) -> list[Path]:
     return [cache_dir() / "act-recon"] + ([SHIPPED_DIR] if is_embedded(model_id) else [])
 
 
+def covers(r: ActRanges, studio) -> bool:
+    """Whether `r` holds every quantized layer input of the Studio's UNet, and the Q, K, V and
+    probabilities of either all its attention modules or none (learned without them)."""
+    from dgq.attention import attention_names  # noqa: PLC0415
+
+    layers = set(studio._qlayers)
+    rest = set(r.sites) - layers
+    attention = {f"{a}.{x}" for a in attention_names(studio.pipe.unet) for x in "qkvp"}
+    return layers <= set(r.sites) and rest in (set(), attention)
+
+
 def find(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = None,
          where: list[Path] | None = None, key: str | None = None) -> tuple[ActRanges, Path] | None:
     """The stored result for the Studio's weights, rounding and calibration at (W, A) that loads
@@ -155,7 +177,7 @@ def find(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = N
         except stored.StoredMismatch as e:
             log.warning("activation ranges at %s not used: %s", p, e)
             continue
-        if set(r.sites) != set(studio._qlayers):
+        if not covers(r, studio):
             log.warning("activation ranges at %s cover other layers; not used", p)
             continue
         return r, p.with_suffix(".safetensors")

@@ -16,8 +16,11 @@ What `dgq` does differently, and why:
   calibration (no second pass). Q-Diffusion's EMA runs over shuffled batches drawn from all steps,
   which averages the batch extremes in the same way.
 * Learned: the inputs of every quantized conv/linear (the up-blocks' shortcut concatenation
-  with one Δ per half, `dgq.split`). Q, K, V and the probabilities keep the light `qdiff`'s MSE
-  ranges while Δ is learned and after (Q-Diffusion learns those too).
+  with one Δ per half, `dgq.split`) and, as Q-Diffusion does, every attention module's Q, K, V
+  (one Δ and z each) and probabilities (uniform, z = 0, one Δ), initialised from the light
+  `qdiff`'s MSE ranges. While a unit learns, its attention modules run `LSQAttnProcessor`:
+  the same explicit softmax as `dgq.attention`, with the step sizes as parameters
+  (`ActReconSettings(attention=False)` learns the layer inputs only).
 * Iterations: 100 per unit by default at lr 2e-3 (the authors: 5,000 at 4e-4 on a GPU), for CPU time.
 * A unit whose learned step sizes do not lower its output error keeps the initial ones.
 
@@ -40,8 +43,11 @@ from torch.func import functional_call
 
 from dgq import primitives as P
 from dgq.act_ranges import ActRanges, ActReconSettings, file_stem, find, folders, identity
+from dgq.attention import DGQAttnProcessor, attention_names
 from dgq.calibration import ALL, Calibration
 from dgq.split import half_ranges, split_labels
+
+ATTENTION_SITES = ("q", "k", "v", "p")  # an attention module's learned quantizers: `<module>.<site>`
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +80,53 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return (q - zero) * s
 
 
+def initial_attention(calib: Calibration, w_bits: int, a_bits: int, modules: list[str]) -> dict[str, list[torch.Tensor]]:
+    """The light `qdiff`'s ranges of every attention module's Q, K, V (MSE over all steps: scale,
+    zero of shape [1]) and probabilities (uniform, z = 0: step, 0), keyed `<module>.<site>`."""
+    from dgq.config import BaselineConfig  # noqa: PLC0415
+    from dgq.quantizer import QuantParams  # noqa: PLC0415
+
+    light = QuantParams(calib, BaselineConfig(w_bits, a_bits, style="qdiff"))
+    t = light.key_for(0.0)
+    out: dict[str, list[torch.Tensor]] = {}
+    for m in modules:
+        for site in ATTENTION_SITES[:3]:
+            q = light.act(f"{m}.{site}", t)
+            out[f"{m}.{site}"] = [q.scale.float().reshape(1).clone(), q.zero.float().reshape(1).clone()]
+        out[f"{m}.p"] = [torch.tensor([float(light.prob(f"{m}.p", t).scale)]), torch.zeros(1)]
+    return out
+
+
+class LSQAttnProcessor(DGQAttnProcessor):
+    """`DGQAttnProcessor` whose Q, K, V and probabilities are fake-quantized with step sizes that
+    take gradients (`lsq_fake_quant`), read from `ranges[f"{name}.{site}"]` on every call: what
+    `qdiff-paper` runs at generation (uniform per-tensor Q/K/V, uniform probabilities with z = 0,
+    `<start>` quantized too), made differentiable in the step sizes."""
+
+    def __init__(self, name: str, cross: bool, ranges: dict[str, list[torch.Tensor]], bits: int) -> None:
+        super().__init__(name, cross)
+        self.ranges, self.bits = ranges, bits
+
+    def _attend(self, attn, q, k, v, mask):
+        r, b, n = self.ranges, self.bits, self.name
+        q, k, v = (lsq_fake_quant(x.float(), *r[f"{n}.{site}"], b) for x, site in ((q, "q"), (k, "k"), (v, "v")))
+        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+        if mask is not None:
+            scores = scores + mask.float()
+        probs = lsq_fake_quant(torch.softmax(scores, -1), *r[f"{n}.p"], b)
+        return torch.matmul(probs, v)
+
+
 class _Inputs:
     """Forward pre-hooks that quantize the inputs of wrapped layers with the current step sizes
-    (while the quantized layers run their original forward: no `dgq` context is active). A split
-    input holds two step sizes, spread over its channels by `labels` on every call."""
+    (while the quantized layers run their original forward: no `dgq` context is active), and
+    `LSQAttnProcessor`s swapped onto attention modules. A split input holds two step sizes, spread
+    over its channels by `labels` on every call."""
 
     def __init__(self, layers: dict[str, nn.Module], ranges: dict[str, list[torch.Tensor]], bits: int,
-                 labels: dict[str, torch.Tensor]) -> None:
+                 labels: dict[str, torch.Tensor], attention: dict[str, nn.Module] | None = None) -> None:
         self.layers, self.ranges, self.bits, self.labels = layers, ranges, bits, labels
+        self.attention = attention or {}
 
     def per_channel(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = self.ranges[name]
@@ -95,12 +140,21 @@ class _Inputs:
                 return (lsq_fake_quant(args[0], *self.per_channel(name), self.bits), *args[1:])
             return hook
 
-        handles = [self.layers[n].register_forward_pre_hook(hook_for(n)) for n in names]
+        handles = [self.layers[n].register_forward_pre_hook(hook_for(n)) for n in names if n in self.layers]
+        swapped = []
+        for n in names:
+            if n in self.attention:
+                mod = self.attention[n]
+                swapped.append((mod, mod.processor))
+                mod.set_processor(LSQAttnProcessor(n, bool(getattr(mod, "is_cross_attention", False)),
+                                                   self.ranges, self.bits))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            for mod, proc in swapped:
+                mod.set_processor(proc)
 
 
 def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = None,
@@ -147,40 +201,52 @@ def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = 
             data = sample(studio, settings, prompts, say, threads=None)
         data = {k: v for k, v in data.items() if k not in ("total", "seconds")}
         labels = {n: split_labels(calib.sites[n].channels, k) for n, k in splits.items() if n in layers}
-        hooks = _Inputs(layers, ranges, a_bits, labels)
         plan = R.units(unet, layers)
+        attention: dict[str, nn.Module] = {}
+        if settings.attention:  # the attention modules inside the units (SD's are all in transformer blocks)
+            attention = {a: unet.get_submodule(a) for a in attention_names(unet)
+                         if any(a.startswith(u.name + ".") for u in plan)}
+            ranges.update(initial_attention(calib, w_bits, a_bits, list(attention)))
+        hooks = _Inputs(layers, ranges, a_bits, labels, attention)
         gen = torch.Generator().manual_seed(settings.seed + 100 * w_bits + a_bits)
         say(f"W{w_bits}A{a_bits}: {len(plan)} units, {settings.iters} iterations each, batch {settings.batch_size}, "
-            f"{data['sample'].shape[0]} samples")
+            f"{data['sample'].shape[0]} samples; Q, K, V and probabilities "
+            f"{f'of {len(attention)} attention modules learned too' if attention else 'not learned'}")
         done: list[str] = []
         rows = []
         for i, unit in enumerate(plan):
             t1 = time.perf_counter()
+            mods = unit.layers + [a for a in attention if a.startswith(unit.name + ".")]
+            sites = unit.layers + [f"{a}.{x}" for a in mods if a in attention for x in ATTENTION_SITES]
             _, _, target = R.capture(unet, unit, data, None, with_output=True)
             with hooks.on(done):
                 args, kwargs, _ = R.capture(unet, unit, data, qweights, with_output=False)
             near = {ln: qweights[ln] for ln in unit.layers}
-            with hooks.on(unit.layers):
+            with hooks.on(mods):
                 before = R._mse(unit, args, kwargs, target, near)
-            start = {ln: [t.clone() for t in ranges[ln]] for ln in unit.layers}
-            _learn_unit(unit, hooks, near, args, kwargs, target, settings, gen)
-            with hooks.on(unit.layers):
+            start = {x: [t.clone() for t in ranges[x]] for x in sites}
+            _learn_unit(unit, hooks, near, args, kwargs, target, settings, gen, mods, sites)
+            with hooks.on(mods):
                 after = R._mse(unit, args, kwargs, target, near)
             kept = not after < before
             if kept:
-                for ln in unit.layers:
-                    ranges[ln] = start[ln]
-            done += unit.layers
+                for x in sites:
+                    ranges[x] = start[x]
+            done += mods
             rows.append({"unit": unit.name, "mse_initial": before, "mse_learned": after, "kept_initial": kept,
                          "seconds": round(time.perf_counter() - t1, 2)})
             say(f"[{i + 1:2d}/{len(plan)}] {unit.name:55s} MSE initial {before:.4e} -> learned {after:.4e} "
                 f"({(after / before - 1) * 100 if before > 0 else 0.0:+.1f} %){' KEPT INITIAL' if kept else ''}, "
                 f"{rows[-1]['seconds']:.1f}s")
         seconds = round(time.perf_counter() - t0, 1)
-        say(f"learned the step sizes of {len(layers)} layer inputs at W{w_bits}A{a_bits} in {seconds:.0f}s")
-        meta = dict(setup, settings=settings.to_dict(), units=rows, seconds=seconds, sites=sorted(layers),
+        extra = f" and of {len(attention)} attention modules' Q, K, V and probabilities" if attention else ""
+        say(f"learned the step sizes of {len(layers)} layer inputs{extra} at W{w_bits}A{a_bits} in {seconds:.0f}s")
+        learned = {n: tuple(t.detach().cpu() for t in hooks.per_channel(n)) for n in layers}
+        learned.update((x, tuple(t.detach().cpu() for t in ranges[x])) for a in attention for x in
+                       (f"{a}.{y}" for y in ATTENTION_SITES))
+        meta = dict(setup, settings=settings.to_dict(), units=rows, seconds=seconds, sites=sorted(learned),
                     splits=splits, created=round(time.time(), 3))
-        return ActRanges(w_bits, a_bits, {n: tuple(t.detach().cpu() for t in hooks.per_channel(n)) for n in layers}, meta)
+        return ActRanges(w_bits, a_bits, learned, meta)
 
 
 def sample(studio, settings: ActReconSettings, prompts: list[str] | None = None,
@@ -201,23 +267,29 @@ def sample(studio, settings: ActReconSettings, prompts: list[str] | None = None,
 
 
 def _learn_unit(unit, hooks: _Inputs, weights: dict[str, torch.Tensor], args, kwargs, target: torch.Tensor,
-                settings: ActReconSettings, gen: torch.Generator) -> None:
-    """Adam (cosine-decayed) on the step sizes of the unit's layer inputs, in place in `hooks.ranges`."""
+                settings: ActReconSettings, gen: torch.Generator, mods: list[str], sites: list[str]) -> None:
+    """Adam (cosine-decayed) on the step sizes of `sites` (the unit's layer inputs and attention
+    quantizers; `mods`: its layers and attention modules), in place in `hooks.ranges`."""
     from dgq.reconstruction import _rel, _take  # noqa: PLC0415
 
     n = target.shape[0]
     device = next(unit.module.parameters()).device
-    deltas = {ln: nn.Parameter(hooks.ranges[ln][0].clone().to(device)) for ln in unit.layers}
-    saved = {ln: hooks.ranges[ln][0] for ln in unit.layers}
-    for ln in unit.layers:
-        hooks.ranges[ln][0] = deltas[ln]
-    opt = torch.optim.Adam(list(deltas.values()), lr=settings.lr)
+    deltas = {x: nn.Parameter(hooks.ranges[x][0].clone().to(device)) for x in sites}
+    for x in sites:
+        hooks.ranges[x][0] = deltas[x]
+    # layer inputs: one absolute lr (Q-Diffusion's); attention quantizers: an lr relative to each
+    # step (their steps span 1e-4 (probabilities at 6 bits) to 1e-1, where one absolute lr
+    # either overshoots the smallest or never moves the largest)
+    groups = [{"params": [deltas[x] for x in sites if x in unit.layers], "lr": settings.lr}]
+    groups += [{"params": [deltas[x]], "lr": settings.attn_lr * float(deltas[x].detach().abs().max())}
+               for x in sites if x not in unit.layers]
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iters, eta_min=0.0)
     params = {_rel(unit, k): v for k, v in weights.items()}
     flags = [q.requires_grad for q in unit.module.parameters()]
     unit.module.requires_grad_(False)
     try:
-        with torch.enable_grad(), hooks.on(unit.layers):
+        with torch.enable_grad(), hooks.on(mods):
             for _ in range(settings.iters):
                 idx = torch.randint(0, n, (settings.batch_size,), generator=gen)
                 out = functional_call(unit.module, params, _take(args, idx, n, device), _take(kwargs, idx, n, device))
@@ -233,8 +305,8 @@ def _learn_unit(unit, hooks: _Inputs, weights: dict[str, torch.Tensor], args, kw
     finally:
         for q, f in zip(unit.module.parameters(), flags):
             q.requires_grad_(f)
-        for ln in unit.layers:
-            hooks.ranges[ln][0] = deltas[ln].detach().cpu() if ln in deltas else saved[ln]
+        for x in sites:
+            hooks.ranges[x][0] = deltas[x].detach().cpu()
 
 
 def learn_cached(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = None,
@@ -268,4 +340,5 @@ def learn_cached(studio, w_bits: int, a_bits: int, settings: ActReconSettings | 
     say(f"W{w_bits}A{a_bits}: step sizes written to {path}")
     return r, path, True
 
-__all__ = ["ActRanges", "ActReconSettings", "learn", "learn_cached", "lsq_fake_quant", "initial_range"]
+__all__ = ["ActRanges", "ActReconSettings", "LSQAttnProcessor", "learn", "learn_cached", "lsq_fake_quant", "initial_range",
+           "initial_attention"]

@@ -87,12 +87,7 @@ class DGQAttnProcessor:
         k = key.view(b, -1, h, d).transpose(1, 2)  # [B, heads, Nk, d]
         v = value.view(b, -1, h, d).transpose(1, 2)
 
-        ctx = active()
-        if ctx is None or (ctx.params is None and ctx.collector is None and ctx.recorder is None):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
-        else:
-            out = self._explicit(ctx, attn, q, k, v, attention_mask)
-
+        out = self._attend(attn, q, k, v, attention_mask)
         out = out.transpose(1, 2).reshape(b, -1, h * d).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -101,6 +96,15 @@ class DGQAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(Q·Kᵀ·scale)·V on [B, heads, N, d]: the fused kernel unless a run quantizes or
+        observes (a subclass may compute it otherwise: `dgq.act_recon` learns step sizes through it)."""
+        ctx = active()
+        if ctx is None or (ctx.params is None and ctx.collector is None and ctx.recorder is None):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        return self._explicit(ctx, attn, q, k, v, mask)
 
     def _explicit(self, ctx, attn, q, k, v, mask) -> torch.Tensor:
         name, cross = self.name, self.cross

@@ -206,7 +206,8 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
 
         act = {k: getattr(a, f"act_{k}") for k in ("iters", "lr") if getattr(a, f"act_{k}") is not None}
         try:
-            act_settings = act_recon.ActReconSettings(**act, **{k: v for k, v in given.items()
+            act_settings = act_recon.ActReconSettings(**act, attention=not a.act_skip_attention,
+                                                      **{k: v for k, v in given.items()
                                                                 if k in ("batch_size", "samples", "steps", "guidance",
                                                                          "seed") and v is not None})
         except ValueError as e:
@@ -301,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--a-bits", default=None, help="with --method qdiff-paper: activation bits, e.g. 6 or 6,8")
     r.add_argument("--act-iters", type=int, default=None, help="Adam steps per block for the step sizes (default 100; "
                    "Q-Diffusion: 5000)")
-    r.add_argument("--act-lr", type=float, default=None, help="Adam learning rate on the step sizes (default 4e-4)")
+    r.add_argument("--act-lr", type=float, default=None, help="Adam learning rate on the step sizes (default 2e-3; "
+                   "Q-Diffusion: 4e-4)")
+    r.add_argument("--act-skip-attention", action="store_true", help="learn the layer inputs' step sizes only (Q, K, V "
+                   "and the probabilities keep the light qdiff's MSE ranges; Q-Diffusion learns them too)")
     r.add_argument("--act-out-dir", default=None, help="where to store the step sizes (default: $DGQ_CACHE/act-recon)")
     r.set_defaults(func=cmd_reconstruct)
 

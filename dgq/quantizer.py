@@ -9,6 +9,9 @@
 | 2-D input (time MLP) | — | per-tensor MSE | per-tensor per step | per-tensor per step |
 | probabilities | — | uniform z=0, MSE | uniform z=0, max per step | log2, dynamic max, `<start>` FP |
 
+(`qdiff-paper` replaces the layer inputs', Q/K/V and probability ranges with step sizes learned by
+block reconstruction, `dgq.act_recon`.)
+
 Derived parameters are cached per (site, timestep); building them costs a division per group,
 which is why a bit-width change never recalibrates.
 """
@@ -251,7 +254,8 @@ class QuantParams:
             return None
         if site not in calib.sites:
             raise KeyError(f"attention {site!r} was not seen during calibration; recalibrate this model")
-        return self.rules.prob(self.config, calib, site, t_key, bits)
+        fixed = self.rules.fixed_prob(self.config, site, bits, self.inputs)
+        return fixed if fixed is not None else self.rules.prob(self.config, calib, site, t_key, bits)
 
 
 # ----------------------------------------------------------------------------- application

@@ -12,6 +12,7 @@ from dgq import adaround as AR
 from dgq import primitives as P
 from dgq import reconstruction as R
 from dgq.act_ranges import ActRanges, ActReconSettings, find
+from dgq.attention import attention_names
 from dgq.config import BaselineConfig, BaselineStyle, config_from_dict
 from dgq.eval.settings import parse_setting
 
@@ -66,7 +67,12 @@ def test_learning_lowers_unit_errors_and_never_keeps_a_worse_one(learned, studio
     improved = [r for r in rows if not r["kept_initial"]]
     assert len(improved) >= 0.5 * len(rows)
     assert all(r["mse_learned"] < r["mse_initial"] for r in improved)
-    assert set(learned.sites) == set(studio._qlayers)
+    attention = attention_names(studio.pipe.unet)
+    assert set(learned.sites) == set(studio._qlayers) | {f"{a}.{x}" for a in attention for x in "qkvp"}
+    initial = act_recon.initial_attention(studio.calibration, W, 6, attention)
+    moved = [x for x in initial if not torch.equal(initial[x][0], learned.sites[x][0])]
+    assert len(moved) >= len(initial) // 2  # Q, K, V and probability step sizes are learned, not kept
+    assert all(float(learned.sites[f"{a}.p"][1].abs().max()) == 0 for a in attention)  # probabilities: z = 0
     splits = learned.meta["splits"]
     assert splits
     for site, split in splits.items():  # a split input keeps two step sizes, one per half
@@ -78,6 +84,41 @@ def test_learning_lowers_unit_errors_and_never_keeps_a_worse_one(learned, studio
 def test_learning_is_reproducible_for_a_seed(learned, studio):
     again = act_recon.learn(studio, W, 6, FAST, prompts=PROMPTS)
     assert all(torch.equal(again.sites[n][0], learned.sites[n][0]) for n in learned.sites)
+
+
+def test_lsq_attention_is_what_qdiff_paper_runs(studio, learned):
+    """The processor the step sizes are learned through computes what generation with the stored
+    result computes (DGQAttnProcessor under `qdiff-paper`'s parameters), for a cross-attention."""
+    from dgq.calibration import ALL
+    from dgq.context import RunContext, use
+    from dgq.methods import MethodInputs
+    from dgq.quantizer import QuantParams
+
+    unet = studio.pipe.unet
+    name = next(a for a in attention_names(unet) if a.endswith("attn2"))
+    attn = unet.get_submodule(name)
+    gen = torch.Generator().manual_seed(0)
+    d = attn.to_q.out_features // attn.heads  # Q, K, V as the processor hands them to the softmax
+    q, k, v = (torch.randn(2, attn.heads, n, d, generator=gen) * 0.5 for n in (16, 77, 77))
+    ranges = {k: list(v) for k, v in learned.sites.items()}
+    lsq = act_recon.LSQAttnProcessor(name, True, ranges, 6)
+    with torch.no_grad():
+        want = lsq._attend(attn, q, k, v, None)
+        params = QuantParams(studio.calibration, BaselineConfig(W, 6, style="qdiff-paper"),
+                             inputs=MethodInputs(act_ranges=learned))
+        with use(RunContext(params=params, t_key=ALL)):
+            got = attn.processor._attend(attn, q, k, v, None)
+        fp = attn.processor._attend(attn, q, k, v, None)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, fp, atol=1e-4)  # and it does quantize
+    pq = params.prob(f"{name}.p", params.key_for(500))
+    assert pq.scale == pytest.approx(float(learned.sites[f"{name}.p"][0]))
+
+
+def test_learning_without_attention_keeps_the_light_ranges(studio):
+    r = act_recon.learn(studio, W, 6, replace(FAST, iters=2, attention=False), prompts=PROMPTS)
+    assert set(r.sites) == set(studio._qlayers)
+    assert r.meta["key"] != act_recon.identity(studio, W, 6, replace(FAST, iters=2), PROMPTS)["key"]
 
 
 def test_cache_round_trip_and_a_corrupted_file_is_rebuilt(studio, tmp_path):

@@ -33,3 +33,15 @@ def test_prompts_name_or_drop_the_background():
     named, unnamed = S._prompts(20, "named"), S._prompts(20, "unnamed")
     assert all(p.endswith(" background") for p in named)
     assert not any("background" in p for p in unnamed)
+
+
+def test_tower_states_follow_the_stream_and_end_at_the_encoders_output():
+    from dgq.tiny.models import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    prompts = ["a small red circle on the left", "a blue square"]
+    rows = S.tower_states(pipe.text_encoder, pipe.tokenizer, prompts)
+    layers = pipe.text_encoder.config.num_hidden_layers
+    assert [r["at"] for r in rows] == ["embeddings", *(f"layer {i}" for i in range(1, layers + 1)), "final layer norm"]
+    last = S.text_states(pipe, prompts)  # the encoder's output is what every cross-attention sees
+    assert rows[-1]["start_norm"] == last["start_norm"] and rows[-1]["other_absmax"] == last["other_absmax"]

@@ -79,6 +79,11 @@ class MethodRules:
         """The grouping axis rule (AUTO = the spread metric D_d decides per site and timestep)."""
         return Axis.AUTO
 
+    def fixed_prob(self, config: Any, site: str, bits: int, inputs: MethodInputs) -> ProbQuant | None:
+        """A probability quantizer the method sets itself for an attention module instead of
+        `prob` (learned step sizes), or None (the default)."""
+        return None
+
     def prob(self, config: Any, calib: Calibration, site: str, t_key: int, bits: int) -> ProbQuant:
         """The quantizer of one attention module's probabilities at one timestep."""
         raise NotImplementedError(f"{type(self).__name__} does not quantize attention probabilities")

@@ -6,7 +6,8 @@ calibrated timestep. Both keep zero-point 0 for the probabilities and quantize `
 As their papers run them (`qdiff-paper`, `tfmq-paper`; the config sets AdaRound weights): the
 up-blocks' shortcut concatenation gets one range per half (`dgq.split`: per step for TFMQ-DM,
 learned for Q-Diffusion), and Q-Diffusion's layer-input ranges are the step sizes learned by
-block reconstruction (`dgq.act_recon`). Q, K, V and the probabilities keep the light rules.
+block reconstruction (`dgq.act_recon`): the layer inputs', and (unless learned without them) Q,
+K, V's and the probabilities' step sizes, one for all steps.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class BaselineRules(MethodRules):
             if learned is None or (learned.w_bits, learned.a_bits) != (config.w_bits, bits):
                 raise RuntimeError(f"{config.label()}: no learned step sizes at W{config.w_bits}A{bits} are loaded")
             if site not in learned.sites:
-                return None  # Q, K, V: the light Q-Diffusion's MSE range
+                return None  # Q, K, V learned without them: the light Q-Diffusion's MSE range
             s, z = learned.sites[site]
             if s.numel() == 1:
                 return {t: ("tensor", s.reshape(()), z.reshape(()), None) for t in t_keys}
@@ -56,6 +57,17 @@ class BaselineRules(MethodRules):
         s, z = P.uniform_qparams(lo, hi, bits)  # [T, 2]
         lab = split_labels(info.channels, split)
         return {t: ("channel", s[i][lab], z[i][lab], lab) for i, t in enumerate(t_keys)}
+
+    def fixed_prob(self, config: BaselineConfig, site: str, bits: int, inputs: MethodInputs) -> ProbQuant | None:
+        if not learns_step_sizes(config):
+            return None
+        learned = inputs.act_ranges
+        if learned is None or (learned.w_bits, learned.a_bits) != (config.w_bits, bits):
+            raise RuntimeError(f"{config.label()}: no learned step sizes at W{config.w_bits}A{bits} are loaded")
+        if site not in learned.sites:
+            return None  # learned without the attention quantizers: the light rule below
+        s, _ = learned.sites[site]  # uniform, zero-point 0 (Q-Diffusion's softmax quantizer)
+        return ProbQuant(bits, log=False, start_fp=False, dynamic=False, scope=ScaleScope.BATCH, scale=float(s.reshape(())))
 
     def prob(self, config: BaselineConfig, calib: Any, site: str, t_key: int, bits: int) -> ProbQuant:
         hist = calib.get(site, "hist", t_key) + calib.get(site, "hist0", t_key)
