@@ -115,10 +115,20 @@ def test_lsq_attention_is_what_qdiff_paper_runs(studio, learned):
     assert pq.scale == pytest.approx(float(learned.sites[f"{name}.p"][0]))
 
 
-def test_learning_without_attention_keeps_the_light_ranges(studio):
+def test_learning_without_attention_keeps_the_light_ranges(studio, tmp_path):
+    from dgq.methods import MethodInputs
+    from dgq.quantizer import QuantParams
+
     r = act_recon.learn(studio, W, 6, replace(FAST, iters=2, attention=False), prompts=PROMPTS)
     assert set(r.sites) == set(studio._qlayers)
     assert r.meta["key"] != act_recon.identity(studio, W, 6, replace(FAST, iters=2), PROMPTS)["key"]
+    r.save(tmp_path / act_recon.file_stem(r.meta["weights"], W, 6, r.meta["key"]))
+    found = find(studio, W, 6, None, [tmp_path])  # a layers-only file is still a valid result
+    assert found is not None and set(found[0].sites) == set(r.sites)
+    site = f"{attention_names(studio.pipe.unet)[0]}.p"
+    paper = QuantParams(studio.calibration, BaselineConfig(W, 6, style="qdiff-paper"), inputs=MethodInputs(act_ranges=r))
+    light = QuantParams(studio.calibration, BaselineConfig(W, 6, style="qdiff"))
+    assert paper.prob(site, paper.key_for(500)) == light.prob(site, light.key_for(500))
 
 
 def test_cache_round_trip_and_a_corrupted_file_is_rebuilt(studio, tmp_path):
