@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _SEP = "|"
+ATTENTION_SITES = ("q", "k", "v", "p")  # an attention module's learned quantizers: `<module>.<site>`
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def covers(r: ActRanges, studio) -> bool:
 
     layers = set(studio._qlayers)
     rest = set(r.sites) - layers
-    attention = {f"{a}.{x}" for a in attention_names(studio.pipe.unet) for x in "qkvp"}
+    attention = {f"{a}.{x}" for a in attention_names(studio.pipe.unet) for x in ATTENTION_SITES}
     return layers <= set(r.sites) and rest in (set(), attention)
 
 

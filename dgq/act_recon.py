@@ -42,12 +42,10 @@ from torch import nn
 from torch.func import functional_call
 
 from dgq import primitives as P
-from dgq.act_ranges import ActRanges, ActReconSettings, file_stem, find, folders, identity
+from dgq.act_ranges import ATTENTION_SITES, ActRanges, ActReconSettings, file_stem, find, folders, identity
 from dgq.attention import DGQAttnProcessor, attention_names
 from dgq.calibration import ALL, Calibration
 from dgq.split import half_ranges, split_labels
-
-ATTENTION_SITES = ("q", "k", "v", "p")  # an attention module's learned quantizers: `<module>.<site>`
 
 log = logging.getLogger(__name__)
 
