@@ -46,7 +46,12 @@ def text_states(pipe, prompts: list[str]) -> dict:
     """How the `<start>` state of the text encoder's last layer compares with the other tokens'
     (the keys and values every cross-attention layer sees): mean L2 norm and max |x|."""
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    h = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
+    return _position_stats(pipe.text_encoder(ids.to(pipe.text_encoder.device))[0])
+
+
+def _position_stats(h: torch.Tensor) -> dict:
+    """Mean L2 norm and largest |x| of hidden states [B, 77, d] at `<start>` and over the rest."""
+    h = h.float().cpu()
     norms = h.norm(dim=-1)
     return {"start_norm": round(float(norms[:, 0].mean()), 3), "other_norm": round(float(norms[:, 1:].mean()), 3),
             "start_absmax": round(float(h[:, 0].abs().max()), 3), "other_absmax": round(float(h[:, 1:].abs().max()), 3)}
@@ -62,13 +67,8 @@ def tower_states(text_encoder, tokenizer, prompts: list[str]) -> list[dict]:
     out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
     rows = []
     for i, h in enumerate([*out.hidden_states, out.last_hidden_state]):
-        h = h.float().cpu()
-        norms = h.norm(dim=-1)
         name = "embeddings" if i == 0 else ("final layer norm" if i == len(out.hidden_states) else f"layer {i}")
-        rows.append({"at": name, "start_norm": round(float(norms[:, 0].mean()), 3),
-                     "other_norm": round(float(norms[:, 1:].mean()), 3),
-                     "start_absmax": round(float(h[:, 0].abs().max()), 3),
-                     "other_absmax": round(float(h[:, 1:].abs().max()), 3)})
+        rows.append({"at": name, **_position_stats(h)})
     return rows
 
 

@@ -240,8 +240,7 @@ def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = 
         extra = f" and of {len(attention)} attention modules' Q, K, V and probabilities" if attention else ""
         say(f"learned the step sizes of {len(layers)} layer inputs{extra} at W{w_bits}A{a_bits} in {seconds:.0f}s")
         learned = {n: tuple(t.detach().cpu() for t in hooks.per_channel(n)) for n in layers}
-        learned.update((x, tuple(t.detach().cpu() for t in ranges[x])) for a in attention for x in
-                       (f"{a}.{y}" for y in ATTENTION_SITES))
+        learned.update((x, tuple(t.detach().cpu() for t in r)) for x, r in ranges.items() if x not in layers)
         meta = dict(setup, settings=settings.to_dict(), units=rows, seconds=seconds, sites=sorted(learned),
                     splits=splits, created=round(time.time(), 3))
         return ActRanges(w_bits, a_bits, learned, meta)

@@ -39,9 +39,7 @@ class BaselineRules(MethodRules):
                   inputs: MethodInputs) -> dict[int, tuple[str, Any, Any, Any]] | None:
         split = inputs.splits.get(site) if config.style.paper else None
         if learns_step_sizes(config):
-            learned = inputs.act_ranges
-            if learned is None or (learned.w_bits, learned.a_bits) != (config.w_bits, bits):
-                raise RuntimeError(f"{config.label()}: no learned step sizes at W{config.w_bits}A{bits} are loaded")
+            learned = _learned(config, bits, inputs)
             if site not in learned.sites:
                 return None  # Q, K, V learned without them: the light Q-Diffusion's MSE range
             s, z = learned.sites[site]
@@ -61,9 +59,7 @@ class BaselineRules(MethodRules):
     def fixed_prob(self, config: BaselineConfig, site: str, bits: int, inputs: MethodInputs) -> ProbQuant | None:
         if not learns_step_sizes(config):
             return None
-        learned = inputs.act_ranges
-        if learned is None or (learned.w_bits, learned.a_bits) != (config.w_bits, bits):
-            raise RuntimeError(f"{config.label()}: no learned step sizes at W{config.w_bits}A{bits} are loaded")
+        learned = _learned(config, bits, inputs)
         if site not in learned.sites:
             return None  # learned without the attention quantizers: the light rule below
         s, _ = learned.sites[site]  # uniform, zero-point 0 (Q-Diffusion's softmax quantizer)
@@ -74,3 +70,10 @@ class BaselineRules(MethodRules):
         s = P.uniform_prob_scale(hist, float(calib.get(site, "pmax", t_key)), bits, self.single_set(config))
         return ProbQuant(bits, log=False, start_fp=False, dynamic=False, scope=ScaleScope.BATCH, scale=s)
 
+
+def _learned(config: BaselineConfig, bits: int, inputs: MethodInputs) -> Any:
+    """The learned step sizes (`dgq.act_recon.ActRanges`) handed over for this config's (W, A)."""
+    learned = inputs.act_ranges
+    if learned is None or (learned.w_bits, learned.a_bits) != (config.w_bits, bits):
+        raise RuntimeError(f"{config.label()}: no learned step sizes at W{config.w_bits}A{bits} are loaded")
+    return learned
