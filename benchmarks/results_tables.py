@@ -86,17 +86,23 @@ PAPER_TABLE2 = [k for wa in ("W8A8", "W8A6", "W4A8", "W4A6")
 PLAN_KEYS = ("model", "weights", "prompts_sha", "steps", "guidance", "seed", "resolution", "scheduler")
 
 
-def merge(results: dict, others: list[dict]) -> dict:
+def merge(results: dict, others: list[dict], replace: bool = False) -> dict:
     """`results` with the settings of `others` appended (runs of the same plan — model, weights,
-    steps, guidance, seeds — whose FP images are the same, so PSNR/SSIM share one reference)."""
+    steps, guidance, seeds — whose FP images are the same, so PSNR/SSIM share one reference).
+    `replace=True`: a setting `results` already holds is replaced in place by the other run's
+    (a re-made row, e.g. after a method changed), except FP, the shared reference."""
     out = dict(results, settings=list(results["settings"]))
-    have = {s["setting"] for s in out["settings"]}
+    have = {s["setting"]: i for i, s in enumerate(out["settings"])}
     for o in others:
         diff = [k for k in PLAN_KEYS if o["plan"].get(k) != results["plan"].get(k)]
         if diff:
             raise SystemExit(f"cannot merge a run with another plan ({', '.join(diff)} differ)")
-        out["settings"] += [s for s in o["settings"] if s["setting"] not in have]
-        have |= {s["setting"] for s in o["settings"]}
+        for s in o["settings"]:
+            if s["setting"] not in have:
+                have[s["setting"]] = len(out["settings"])
+                out["settings"].append(s)
+            elif replace and s["setting"] != "fp":
+                out["settings"][have[s["setting"]]] = s
         out["complete"] = bool(out.get("complete")) and bool(o.get("complete"))
     return out
 
@@ -107,9 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layout", choices=["full", "bars"], default="bars", help="bars: a BARS=1 run")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="results.json of runs of the same plan whose "
                     "settings are added (e.g. the paper-recipe rows)")
+    ap.add_argument("--replace", action="store_true", help="settings of --merge runs replace those already present "
+                    "(FP excepted) instead of being skipped")
     ap.add_argument("--write", type=Path, default=None, help="also write the merged results.json here")
     a = ap.parse_args(argv)
-    results = merge(json.loads(a.results.read_text()), [json.loads(p.read_text()) for p in a.merge])
+    results = merge(json.loads(a.results.read_text()), [json.loads(p.read_text()) for p in a.merge], a.replace)
     if a.write is not None:
         a.write.write_text(json.dumps(results, indent=1))
     if not results.get("complete"):

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _SEP = "|"
 ATTENTION_SITES = ("q", "k", "v", "p")  # an attention module's learned quantizers: `<module>.<site>`
+INITS = ("ema", "steps")  # where learned step sizes start (`ActReconSettings.init`)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,16 @@ class ActReconSettings:
         attn_lr (`float`, defaults to 0.02): Adam's learning rate on those, relative to each
             initial step (Q-Diffusion uses `lr` for all: at 6 bits a probability step is about
             1e-3, which an absolute 2e-3 overshoots).
+        init (`str`, defaults to `"ema"`): where the step sizes start. `"ema"` is Q-Diffusion's
+            `--running_stat` initialisation (`dgq.act_recon.running_ranges`): every quantizer's
+            range is MSE-searched on 16 random samples, then follows an EMA (momentum 0.95) of
+            the min/max of shuffled batches of 8 over `ema_samples` UNet inputs, through the
+            network with AdaRound weights and its activations quantized. `"steps"` is this
+            project's earlier shortcut: the mean over the calibrated steps of each step's min/max
+            for the layer inputs, the light `qdiff`'s MSE ranges for Q, K, V and probabilities.
+        ema_samples (`int`, defaults to 3200): UNet inputs the running statistics go over, drawn
+            from every call of the calibration runs (64 prompts × 25 steps × 2 CFG halves = 3,200
+            on the embedded model, all of them; Q-Diffusion's SD run: 128 per step × 25 steps).
     """
 
     iters: int = 100
@@ -57,9 +68,13 @@ class ActReconSettings:
     seed: int = 0
     attention: bool = True
     attn_lr: float = 0.02
+    init: str = "ema"
+    ema_samples: int = 3200
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("iters", "batch_size", "samples", "steps"))
+        check_positive_ints(self, ("iters", "batch_size", "samples", "steps", "ema_samples"))
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r}; allowed: {', '.join(INITS)}")
         if not isinstance(self.attention, bool):
             raise ValueError(f"attention must be True or False, not {self.attention!r}")
         if not self.lr > 0 or not self.p > 0 or not self.attn_lr > 0:

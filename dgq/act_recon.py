@@ -11,10 +11,18 @@ with z fixed from the initial range, Adam on Δ and cosine decay, inputs x_q fro
 network whose weights (AdaRound) and earlier units' activations (learned Δ) are already
 quantized, targets from FP (BRECQ's `asym=True`). Units are those of `dgq.reconstruction`.
 
+Initial ranges (`running_ranges`, `ActReconSettings(init="ema")`, the default): as Q-Diffusion's
+`--running_stat` SD run, every quantizer — layer inputs (per half where split), Q, K, V and
+probabilities (z = 0) — is first MSE-searched (80 candidates, L2.4) on 16 random UNet inputs,
+then its range follows an EMA with momentum 0.95 of the min/max of shuffled batches of 8 drawn
+from all the calibration runs' UNet inputs (3,200 on the embedded model); the network runs with
+its AdaRound weights and its activations quantized at the current ranges, as theirs does.
+`init="steps"` keeps this project's earlier shortcut (the mean over the calibrated steps of each
+step's min/max; the light `qdiff`'s MSE ranges for the attention quantizers).
+
 What `dgq` does differently, and why:
-* Initial range: the mean over the calibrated steps of each step's min/max, from the shared
-  calibration (no second pass). Q-Diffusion's EMA runs over shuffled batches drawn from all steps,
-  which averages the batch extremes in the same way.
+* The EMA ranges keep zero inside (as every uniform range in `dgq`); Q-Diffusion's raw EMA
+  min/max need not (its inputs after SiLU or softmax contain zero or come close to it anyway).
 * Learned: the inputs of every quantized conv/linear (the up-blocks' shortcut concatenation
   with one Δ per half, `dgq.split`) and, as Q-Diffusion does, every attention module's Q, K, V
   (one Δ and z each) and probabilities (uniform, z = 0, one Δ), initialised from the light
@@ -101,17 +109,23 @@ class LSQAttnProcessor(DGQAttnProcessor):
     `qdiff-paper` runs at generation (uniform per-tensor Q/K/V, uniform probabilities with z = 0,
     `<start>` quantized too), made differentiable in the step sizes."""
 
-    def __init__(self, name: str, cross: bool, ranges: dict[str, list[torch.Tensor]], bits: int) -> None:
+    def __init__(self, name: str, cross: bool, ranges: dict[str, list[torch.Tensor]], bits: int,
+                 observe: Callable[[str, torch.Tensor], None] | None = None) -> None:
         super().__init__(name, cross)
-        self.ranges, self.bits = ranges, bits
+        self.ranges, self.bits, self.observe = ranges, bits, observe
+
+    def _q(self, x: torch.Tensor, site: str) -> torch.Tensor:
+        key = f"{self.name}.{site}"
+        if self.observe is not None:  # running statistics: may move the range before it is used
+            self.observe(key, x)
+        return lsq_fake_quant(x, *self.ranges[key], self.bits)
 
     def _attend(self, attn, q, k, v, mask):
-        r, b, n = self.ranges, self.bits, self.name
-        q, k, v = (lsq_fake_quant(x.float(), *r[f"{n}.{site}"], b) for x, site in ((q, "q"), (k, "k"), (v, "v")))
+        q, k, v = (self._q(x.float(), site) for x, site in ((q, "q"), (k, "k"), (v, "v")))
         scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
         if mask is not None:
             scores = scores + mask.float()
-        probs = lsq_fake_quant(torch.softmax(scores, -1), *r[f"{n}.p"], b)
+        probs = self._q(torch.softmax(scores, -1), "p")
         return torch.matmul(probs, v)
 
 
@@ -125,6 +139,7 @@ class _Inputs:
                  labels: dict[str, torch.Tensor], attention: dict[str, nn.Module] | None = None) -> None:
         self.layers, self.ranges, self.bits, self.labels = layers, ranges, bits, labels
         self.attention = attention or {}
+        self.observe: Callable[[str, torch.Tensor], None] | None = None  # sees each input before it is quantized
 
     def per_channel(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = self.ranges[name]
@@ -135,6 +150,8 @@ class _Inputs:
     def on(self, names: list[str]) -> Iterator[None]:
         def hook_for(name: str) -> Callable[..., Any]:
             def hook(_m, args):
+                if self.observe is not None:
+                    self.observe(name, args[0])
                 return (lsq_fake_quant(args[0], *self.per_channel(name), self.bits), *args[1:])
             return hook
 
@@ -145,7 +162,7 @@ class _Inputs:
                 mod = self.attention[n]
                 swapped.append((mod, mod.processor))
                 mod.set_processor(LSQAttnProcessor(n, bool(getattr(mod, "is_cross_attention", False)),
-                                                   self.ranges, self.bits))
+                                                   self.ranges, self.bits, self.observe))
         try:
             yield
         finally:
@@ -153,6 +170,83 @@ class _Inputs:
                 h.remove()
             for mod, proc in swapped:
                 mod.set_processor(proc)
+
+
+EMA_MOMENTUM = 0.95  # Q-Diffusion's `act_range_momentum`
+INIT_SAMPLES = 16  # its initialisation pass: 16 random calibration samples
+EMA_BATCH = 8  # its running-statistics batch
+
+
+def _extremes(x: torch.Tensor, split: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of `x`: shape [1], or [2] (one per half of dim 1) for a split input."""
+    x = x.detach().float()
+    if split:
+        a, b = x[:, :split], x[:, split:]
+        return torch.stack([a.amin(), b.amin()]), torch.stack([a.amax(), b.amax()])
+    return x.amin().reshape(1), x.amax().reshape(1)
+
+
+def _mse_range(x: torch.Tensor, split: int | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' 80-candidate L2.4 clipping search (`primitives.mse_search`), per tensor or per half."""
+    x = x.detach()
+    parts = [x[:, :split], x[:, split:]] if split else [x]
+    found = [P.mse_search(part, bits) for part in parts]
+    return torch.stack([f[0] for f in found]).reshape(-1), torch.stack([f[1] for f in found]).reshape(-1)
+
+
+def running_ranges(unet: nn.Module, hooks: _Inputs, weights: dict[str, torch.Tensor], data: dict[str, torch.Tensor],
+                   splits: dict[str, int], gen: torch.Generator) -> int:
+    """Q-Diffusion's activation initialisation (`--running_stat`), written into `hooks.ranges` for
+    every quantizer `hooks` runs (its layers' inputs and its attention modules' Q, K, V and
+    probabilities); returns the number of EMA batches.
+
+    1. One pass over 16 random rows of `data`: each quantizer takes the MSE-searched range of its
+       own input (its quantizer's `init_quantization_scale`) and quantizes with it; the raw min/max
+       seed the running statistics.
+    2. Passes over shuffled batches of 8 of all rows: each quantizer first moves its min/max by an
+       EMA with momentum 0.95 (`act_momentum_update`), then quantizes with the range they give.
+
+    The network runs with `weights` (the AdaRound weights) and its activations quantized, as
+    Q-Diffusion's does after its weight stage; split inputs keep one range per half."""
+    n = data["sample"].shape[0]
+    dev = next(unet.parameters())
+    params = {f"{k}.weight": v for k, v in weights.items()}
+    stats: dict[str, list[torch.Tensor]] = {}
+    bits, state = hooks.bits, {"init": True}
+
+    def set_range(site: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        hooks.ranges[site] = list(P.uniform_qparams(lo.clamp(max=0), hi.clamp(min=0), bits))
+
+    def observe(site: str, x: torch.Tensor) -> None:
+        split = splits.get(site)
+        lo, hi = _extremes(x, split)
+        if state["init"]:
+            stats[site] = [lo, hi]
+            set_range(site, *_mse_range(x, split, bits))
+            return
+        st = stats.setdefault(site, [lo, hi])
+        st[0] = EMA_MOMENTUM * st[0] + (1 - EMA_MOMENTUM) * lo
+        st[1] = EMA_MOMENTUM * st[1] + (1 - EMA_MOMENTUM) * hi
+        set_range(site, *st)
+
+    def run(idx: torch.Tensor) -> None:
+        x = data["sample"][idx].to(dev.device, dev.dtype)
+        t = data["timestep"][idx].to(dev.device)
+        e = data["encoder_hidden_states"][idx].to(dev.device, dev.dtype)
+        functional_call(unet, params, (x, t), {"encoder_hidden_states": e, "return_dict": False})
+
+    hooks.observe = observe
+    try:
+        with torch.no_grad(), hooks.on(list(hooks.layers) + list(hooks.attention)):
+            run(torch.randperm(n, generator=gen)[:INIT_SAMPLES])
+            state["init"] = False
+            order = torch.randperm(n, generator=gen)
+            batches = n // EMA_BATCH
+            for i in range(batches):
+                run(order[i * EMA_BATCH:(i + 1) * EMA_BATCH])
+    finally:
+        hooks.observe = None
+    return batches
 
 
 def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = None,
@@ -197,7 +291,8 @@ def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = 
         qweights = {n: m.quantized_weight(w_bits, "adaround").detach() for n, m in layers.items()}
         if data is None:
             data = sample(studio, settings, prompts, say, threads=None)
-        data = {k: v for k, v in data.items() if k not in ("total", "seconds")}
+        ema_data = {k.removeprefix("ema|"): v for k, v in data.items() if k.startswith("ema|")}
+        data = {k: v for k, v in data.items() if k not in ("total", "seconds") and not k.startswith("ema|")}
         labels = {n: split_labels(calib.sites[n].channels, k) for n, k in splits.items() if n in layers}
         plan = R.units(unet, layers)
         attention: dict[str, nn.Module] = {}
@@ -206,6 +301,17 @@ def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = 
                          if any(a.startswith(u.name + ".") for u in plan)}
             ranges.update(initial_attention(calib, w_bits, a_bits, list(attention)))
         hooks = _Inputs(layers, ranges, a_bits, labels, attention)
+        running: dict[str, Any] = {}
+        if settings.init == "ema":
+            t1 = time.perf_counter()
+            ema_data = ema_data or data  # inputs from a caller's own sampling: the learning set
+            batches = running_ranges(unet, hooks, qweights, ema_data, {n: k for n, k in splits.items() if n in layers},
+                                     torch.Generator().manual_seed(settings.seed + 7919 + 100 * w_bits + a_bits))
+            running = {"samples": int(ema_data["sample"].shape[0]), "batches": batches,
+                       "seconds": round(time.perf_counter() - t1, 1)}
+            say(f"W{w_bits}A{a_bits}: initial ranges by Q-Diffusion's running statistics: MSE on {INIT_SAMPLES} "
+                f"samples, then EMA ({EMA_MOMENTUM}) over {batches} batches of {EMA_BATCH} "
+                f"({running['samples']} UNet inputs), {running['seconds']:.0f}s")
         gen = torch.Generator().manual_seed(settings.seed + 100 * w_bits + a_bits)
         say(f"W{w_bits}A{a_bits}: {len(plan)} units, {settings.iters} iterations each, batch {settings.batch_size}, "
             f"{data['sample'].shape[0]} samples; Q, K, V and probabilities "
@@ -242,13 +348,15 @@ def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = 
         learned = {n: tuple(t.detach().cpu() for t in hooks.per_channel(n)) for n in layers}
         learned.update((x, tuple(t.detach().cpu() for t in r)) for x, r in ranges.items() if x not in layers)
         meta = dict(setup, settings=settings.to_dict(), units=rows, seconds=seconds, sites=sorted(learned),
-                    splits=splits, created=round(time.time(), 3))
+                    splits=splits, running_stat=running, created=round(time.time(), 3))
         return ActRanges(w_bits, a_bits, learned, meta)
 
 
 def sample(studio, settings: ActReconSettings, prompts: list[str] | None = None,
            report: Callable[[str], None] | None = None, threads: int | None = 1) -> dict[str, torch.Tensor]:
-    """UNet inputs for `learn` (`settings.samples` of them, seeded), to share between widths."""
+    """UNet inputs for `learn` (`settings.samples` of them, seeded), to share between widths; with
+    `init="ema"` also `settings.ema_samples` for the running statistics (keys `ema|<name>`), drawn
+    from the same sampling runs."""
     from dgq import reconstruction as R  # noqa: PLC0415
     from dgq.adaround import ReconSettings  # noqa: PLC0415
     from dgq.loading import default_guidance  # noqa: PLC0415
@@ -260,7 +368,14 @@ def sample(studio, settings: ActReconSettings, prompts: list[str] | None = None,
         f"sampling {len(prompts)} calibration prompts x {settings.steps} steps for UNet inputs")
     recon = ReconSettings(samples=settings.samples, steps=settings.steps, guidance=settings.guidance, seed=settings.seed)
     with R.torch_threads(threads):
-        return R.sample_inputs(studio.pipe, recon, prompts, guidance)
+        t0 = time.perf_counter()
+        every = R.unet_inputs(studio.pipe, prompts, recon.steps, guidance, seed=recon.seed)
+    out = R.pick_inputs(every, recon.samples, recon.seed)  # the rows `sample_inputs` draws for AdaRound
+    if settings.init == "ema":
+        out.update((f"ema|{k}", v) for k, v in R.pick_inputs(every, settings.ema_samples, recon.seed + 1).items())
+    out["total"] = torch.tensor(every["sample"].shape[0])
+    out["seconds"] = torch.tensor(round(time.perf_counter() - t0, 1))
+    return out
 
 
 def _learn_unit(unit, hooks: _Inputs, weights: dict[str, torch.Tensor], args, kwargs, target: torch.Tensor,
@@ -338,4 +453,4 @@ def learn_cached(studio, w_bits: int, a_bits: int, settings: ActReconSettings | 
     return r, path, True
 
 __all__ = ["ActRanges", "ActReconSettings", "LSQAttnProcessor", "learn", "learn_cached", "lsq_fake_quant", "initial_range",
-           "initial_attention"]
+           "initial_attention", "running_ranges"]

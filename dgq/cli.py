@@ -194,6 +194,17 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
         raise CliError("reconstruct: --tiar makes TFMQ-DM's weights; Q-Diffusion's step sizes are learned on plain AdaRound")
     if a.method == "qdiff-paper" and not a_bits:
         raise CliError("reconstruct: --method qdiff-paper needs --a-bits (e.g. 6 or 6,8)")
+    if a_bits:  # checked before any learning starts
+        from dgq import act_recon  # noqa: PLC0415
+
+        act = {k: getattr(a, f"act_{k}") for k in ("iters", "lr", "ema_samples") if getattr(a, f"act_{k}") is not None}
+        try:
+            act_settings = act_recon.ActReconSettings(**act, attention=not a.act_skip_attention, init=a.act_init,
+                                                      **{k: v for k, v in given.items()
+                                                                if k in ("batch_size", "samples", "steps", "guidance",
+                                                                         "seed") and v is not None})
+        except ValueError as e:
+            raise CliError(f"reconstruct: {e}") from e
     done = reconstruct_cached(pipe, bits, settings, prompts, weight_search=a.weight_search, folder=a.out_dir,
                               force=a.force and a.method == "weights", report=say, threads=a.threads)
     rows = [{"w_bits": r.bits, "path": str(path), "learned_now": built, "seconds": r.meta.get("seconds"),
@@ -201,17 +212,8 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
              "units_lower_mse": sum(not u["kept_nearest"] for u in r.meta.get("units", []))}
             for r, path, built in done]
     if a_bits:  # Q-Diffusion's step sizes, learned on top of the AdaRound weights just made or loaded
-        from dgq import act_recon  # noqa: PLC0415
         from dgq.studio import Studio, calibrate  # noqa: PLC0415
 
-        act = {k: getattr(a, f"act_{k}") for k in ("iters", "lr") if getattr(a, f"act_{k}") is not None}
-        try:
-            act_settings = act_recon.ActReconSettings(**act, attention=not a.act_skip_attention,
-                                                      **{k: v for k, v in given.items()
-                                                                if k in ("batch_size", "samples", "steps", "guidance",
-                                                                         "seed") and v is not None})
-        except ValueError as e:
-            raise CliError(f"reconstruct: {e}") from e
         studio = Studio(pipe, calibrate(pipe))
         data = None  # one sampling run shared by every (W, A) that needs learning
         for w in bits:
@@ -306,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "Q-Diffusion: 4e-4)")
     r.add_argument("--act-skip-attention", action="store_true", help="learn the layer inputs' step sizes only (Q, K, V "
                    "and the probabilities keep the light qdiff's MSE ranges; Q-Diffusion learns them too)")
+    r.add_argument("--act-init", choices=("ema", "steps"), default="ema", help="where the step sizes start: ema "
+                   "(default; Q-Diffusion's running statistics: MSE on 16 samples, then an EMA of batch min/max over "
+                   "the calibration runs) or steps (the mean over calibrated steps of each step's min/max)")
+    r.add_argument("--act-ema-samples", type=int, default=None, help="UNet inputs the running statistics go over "
+                   "(default 3200: all of the embedded model's 64 prompts x 25 steps x 2; fewer on a CPU for SD v1.4)")
     r.add_argument("--act-out-dir", default=None, help="where to store the step sizes (default: $DGQ_CACHE/act-recon)")
     r.set_defaults(func=cmd_reconstruct)
 

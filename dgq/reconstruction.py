@@ -379,13 +379,18 @@ def sample_inputs(pipe, settings: AR.ReconSettings, prompts: Sequence[str], guid
     """`settings.samples` UNet inputs drawn at random (seeded) from every call of the FP sampling runs."""
     t0 = time.perf_counter()
     data = unet_inputs(pipe, prompts, settings.steps, guidance, seed=settings.seed)
-    total = data["sample"].shape[0]
-    gen = torch.Generator().manual_seed(settings.seed)
-    pick = torch.randperm(total, generator=gen)[:min(settings.samples, total)].sort().values
-    out = {k: v[pick] for k, v in data.items()}
-    out["total"] = torch.tensor(total)
+    out = pick_inputs(data, settings.samples, settings.seed)
+    out["total"] = torch.tensor(data["sample"].shape[0])
     out["seconds"] = torch.tensor(round(time.perf_counter() - t0, 1))
     return out
+
+
+def pick_inputs(data: dict[str, torch.Tensor], n: int, seed: int) -> dict[str, torch.Tensor]:
+    """`n` rows of `unet_inputs`' output drawn at random (seeded), kept in their original order."""
+    total = data["sample"].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(total, generator=gen)[:min(n, total)].sort().values
+    return {k: v[pick] for k, v in data.items()}
 
 
 def reconstruct(pipe, bits: int, settings: AR.ReconSettings | None = None, prompts: Sequence[str] | None = None,

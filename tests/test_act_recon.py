@@ -81,6 +81,76 @@ def test_learning_lowers_unit_errors_and_never_keeps_a_worse_one(learned, studio
         assert len(set(s[:split].tolist())) == 1 and len(set(s[split:].tolist())) == 1
 
 
+def test_running_statistics_are_qdiffusions_ema_of_batch_extremes(studio):
+    """`running_ranges` ends where Q-Diffusion's `--running_stat` does: each quantizer's raw
+    min/max on the 16-sample init pass, moved by an EMA (0.95) of every later batch's min/max
+    (one pair per half for a split input), zero kept inside; probabilities keep z = 0."""
+    from dgq.loading import default_guidance
+    from dgq.split import split_labels, split_points
+
+    unet = studio.pipe.unet
+    layers = dict(studio._qlayers)
+    splits = {n: k for n, k in split_points(unet).items() if n in layers}
+    labels = {n: split_labels(studio.calibration.sites[n].channels, k) for n, k in splits.items()}
+    attention = {a: unet.get_submodule(a) for a in attention_names(unet)}
+    ranges = {n: [t.clone() for t in act_recon.initial_range(studio.calibration, n, 6, splits.get(n))] for n in layers}
+    light = act_recon.initial_attention(studio.calibration, W, 6, list(attention))
+    ranges.update({k: [t.clone() for t in v] for k, v in light.items()})
+    hooks = act_recon._Inputs(layers, ranges, 6, labels, attention)
+    assert studio.load_rounding(W)
+    weights = {n: m.quantized_weight(W, "adaround").detach() for n, m in layers.items()}
+    data = R.unet_inputs(studio.pipe, PROMPTS, 6, default_guidance(studio.pipe))  # 2 prompts x 6 steps x 2 halves
+    plain = next(n for n in layers if n not in splits and "conv" in n)
+    split = next(iter(splits))
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {plain: [], split: []}
+
+    def spy(name):
+        def hook(_m, args):  # registered first: sees the input the running statistics see
+            x = args[0].detach().float()
+            parts = [x[:, :splits[name]], x[:, splits[name]:]] if name in splits else [x]
+            seen[name].append((torch.stack([p.amin() for p in parts]), torch.stack([p.amax() for p in parts])))
+        return hook
+
+    handles = [layers[n].register_forward_pre_hook(spy(n)) for n in seen]
+    try:
+        batches = act_recon.running_ranges(unet, hooks, weights, data, splits, torch.Generator().manual_seed(0))
+    finally:
+        for h in handles:
+            h.remove()
+    assert batches == data["sample"].shape[0] // act_recon.EMA_BATCH == 3
+    for name, calls in seen.items():
+        assert len(calls) == 1 + batches
+        lo, hi = calls[0]
+        for blo, bhi in calls[1:]:
+            lo, hi = 0.95 * lo + 0.05 * blo, 0.95 * hi + 0.05 * bhi
+        s, z = P.uniform_qparams(lo.clamp(max=0), hi.clamp(min=0), 6)
+        assert torch.allclose(ranges[name][0], s) and torch.equal(ranges[name][1], z)
+        assert ranges[name][0].numel() == (2 if name in splits else 1)
+    for a in attention:
+        assert float(ranges[f"{a}.p"][1].abs().max()) == 0  # probabilities: z = 0
+    moved = [k for k in light if not torch.allclose(light[k][0], ranges[k][0])]
+    assert len(moved) == len(light)  # every attention quantizer took running statistics
+    assert hooks.observe is None  # and the hooks are back to plain quantization
+
+
+def test_init_is_part_of_the_key_and_checked(studio):
+    ema = act_recon.identity(studio, W, 6, FAST, PROMPTS)["key"]
+    assert ema != act_recon.identity(studio, W, 6, replace(FAST, init="steps"), PROMPTS)["key"]
+    assert ema != act_recon.identity(studio, W, 6, replace(FAST, ema_samples=64), PROMPTS)["key"]
+    with pytest.raises(ValueError, match="init"):
+        ActReconSettings(init="mse")
+    with pytest.raises(ValueError, match="ema_samples"):
+        ActReconSettings(ema_samples=0)
+
+
+def test_steps_init_starts_from_the_calibrated_ranges(studio):
+    r = act_recon.learn(studio, W, 6, replace(FAST, iters=1, init="steps"), prompts=PROMPTS)
+    assert r.meta["running_stat"] == {}
+    e = act_recon.learn(studio, W, 6, replace(FAST, iters=1), prompts=PROMPTS)
+    assert e.meta["running_stat"]["batches"] >= 1
+    assert any(not torch.equal(r.sites[n][0], e.sites[n][0]) for n in studio._qlayers)  # the start matters
+
+
 def test_learning_is_reproducible_for_a_seed(learned, studio):
     again = act_recon.learn(studio, W, 6, FAST, prompts=PROMPTS)
     assert all(torch.equal(again.sites[n][0], learned.sites[n][0]) for n in learned.sites)
@@ -194,3 +264,11 @@ def test_cli_reconstruct_qdiff_paper_needs_a_bits(capsys):
 
     assert main(["reconstruct", "--model", "tiny", "--w-bits", "4", "--method", "qdiff-paper"]) != 0
     assert "--a-bits" in capsys.readouterr().err
+
+
+def test_cli_reconstruct_checks_the_step_size_settings_first(capsys):
+    from dgq.cli import main
+
+    assert main(["reconstruct", "--model", "tiny", "--w-bits", "4", "--method", "qdiff-paper", "--a-bits", "6",
+                 "--act-ema-samples", "0"]) != 0
+    assert "ema_samples" in capsys.readouterr().err

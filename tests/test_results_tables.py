@@ -43,3 +43,18 @@ def test_merge_adds_the_settings_of_a_run_of_the_same_plan_only():
     other = dict(extra, plan=dict(results["plan"], steps=10))
     with pytest.raises(SystemExit, match="steps"):
         RT.merge(results, [other])
+
+
+def test_merge_replace_swaps_a_re_made_row_in_place_and_keeps_fp():
+    results = json.loads(RESULTS.read_text())
+    i = next(k for k, s in enumerate(results["settings"]) if s["setting"] == "qdiff-paper:W4A6")
+    remade = dict(results["settings"][i], metrics=dict(results["settings"][i]["metrics"], psnr=99.0))
+    fp = dict(results["settings"][0], metrics=dict(results["settings"][0]["metrics"], psnr=1.0))
+    extra = {"plan": dict(results["plan"]), "complete": True, "settings": [fp, remade]}
+    kept = RT.merge(results, [extra])
+    assert kept["settings"] == results["settings"]  # without replace: nothing already there changes
+    swapped = RT.merge(results, [extra], replace=True)
+    assert [s["setting"] for s in swapped["settings"]] == [s["setting"] for s in results["settings"]]
+    assert swapped["settings"][i]["metrics"]["psnr"] == 99.0
+    assert swapped["settings"][0] == results["settings"][0]  # FP, the shared reference, is never replaced
+    assert results["settings"][i]["metrics"]["psnr"] != 99.0  # the input is not changed
