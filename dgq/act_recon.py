@@ -25,8 +25,8 @@ What `dgq` does differently, and why:
   min/max need not (its inputs after SiLU or softmax contain zero or come close to it anyway).
 * Learned: the inputs of every quantized conv/linear (the up-blocks' shortcut concatenation
   with one Δ per half, `dgq.split`) and, as Q-Diffusion does, every attention module's Q, K, V
-  (one Δ and z each) and probabilities (uniform, z = 0, one Δ), initialised from the light
-  `qdiff`'s MSE ranges. While a unit learns, its attention modules run `LSQAttnProcessor`:
+  (one Δ and z each) and probabilities (uniform, z = 0, one Δ), from the initial ranges
+  above. While a unit learns, its attention modules run `LSQAttnProcessor`:
   the same explicit softmax as `dgq.attention`, with the step sizes as parameters
   (`ActReconSettings(attention=False)` learns the layer inputs only).
 * Iterations: 100 per unit by default at lr 2e-3 (the authors: 5,000 at 4e-4 on a GPU), for CPU time.
