@@ -154,6 +154,15 @@ def test_the_adaround_tables_are_the_stored_runs_and_the_pool_is_their_sum() -> 
         assert FA.pairs_markdown(runs[n]["settings"], runs[n]["pairs"]) in doc
     again = FA.pool([runs[200], runs[600]])
     assert again["n"] == 800 and again["settings"] == runs[800]["settings"] and again["pairs"] == runs[800]["pairs"]
+    # the W4A6 pair on 800 further prompts, and all 1,600 pooled
+    third = json.loads((root / "docs/results/adaround-agree-third800.json").read_text())
+    pooled = json.loads((root / "docs/results/adaround-agree-1600.json").read_text())
+    for r in (third, pooled):
+        assert FA.markdown(r["settings"], r["fp_align"], r["fp_clip"]) in doc
+        assert FA.pairs_markdown(r["settings"], r["pairs"]) in doc
+    again = FA.pool([runs[200], runs[600], third])
+    assert again["n"] == 1600 and again["settings"] == pooled["settings"] and again["pairs"] == pooled["pairs"]
+    assert [r["label"] for r in pooled["settings"]] == ["DGQ W4A6 K=16 nearest", "DGQ W4A6 K=16 AdaRound"]
     # the 200-prompt rows are the paper tables' images: the same align and PSNR as Table 2
     table2 = {s["label"]: s["metrics"] for s in json.loads((root / "docs/results/results.json").read_text())["settings"]}
     for r in runs[200]["settings"]:

@@ -15,5 +15,8 @@ def test_written_prompts_reproduce_the_shipped_held_out_files(tmp_path: Path, ca
     more = tmp_path / "more.txt"
     report.main(["--write-prompts", str(more), "--n", "600", "--first-seed", str(report.HELD_OUT_SEED + 240)])
     assert more.read_text() == (ASSETS / "prompts" / "shapes_eval_more_600.txt").read_text()
+    third = tmp_path / "third.txt"  # the next 800 seeds, after the 240 and the 600
+    report.main(["--write-prompts", str(third), "--n", "800", "--first-seed", str(report.HELD_OUT_SEED + 840)])
+    assert third.read_text() == (ASSETS / "prompts" / "shapes_eval_third_800.txt").read_text()
     assert "600 prompts" in capsys.readouterr().out
     assert report.held_out_prompts(3) == SHAPES_EVAL_PROMPTS.read_text().splitlines()[:3]
