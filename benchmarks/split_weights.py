@@ -11,7 +11,15 @@ This measures, with round-to-nearest weights (MSE-searched ranges) and FP activa
 * the whole UNet's output error against FP on UNet inputs drawn from the calibration runs, with
   every quantized layer at W bits and the split layers quantized either way.
 
+With `--adaround`, the recipe the paper baselines actually use: each of the six ResNet blocks that
+holds a split layer is reconstructed (BRECQ/AdaRound, `dgq.reconstruction.learn_unit`, the
+shipped settings) twice from the same inputs — the block's inputs in the network with the shipped
+AdaRound weights, targets from FP — once with one weight range per output channel and once with
+the shortcut's weights split; the block's output MSE and the whole UNet's (every other layer at
+the shipped AdaRound rounding) are compared. Each block is learned on its own, not in sequence.
+
     python -m benchmarks.split_weights --model tiny --bits 4,8 --samples 128
+    python -m benchmarks.split_weights --model tiny --bits 4 --adaround
 """
 
 from __future__ import annotations
@@ -76,6 +84,87 @@ def measure(pipe, bits: list[int], data: dict[str, torch.Tensor]) -> dict:
             "rows": rows}
 
 
+class _Half:
+    """One half of a split layer's weight, as a layer `learn_unit` can round."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+
+def adaround_blocks(pipe, bits: int, data: dict[str, torch.Tensor], settings=None) -> dict:
+    """The `--adaround` figures of the module doc at `bits` (the shipped rounding must be loaded
+    into the layers: `Studio.load_rounding(bits)`)."""
+    from dgq import adaround as AR
+    from dgq import reconstruction as R
+    from dgq.modules import quantized_layers
+    from dgq.split import split_points
+
+    settings = settings or AR.ReconSettings()
+    unet = pipe.unet
+    layers = quantized_layers(unet)
+    splits = {n: k for n, k in split_points(unet).items() if n in layers}
+    for layer in layers.values():
+        layer.quantized_weight(bits)  # the per-channel ranges the rounding was learned on
+    shipped = {n: layer.quantized_weight(bits, "adaround").detach() for n, layer in layers.items()}
+    with torch.no_grad():
+        ref = torch.cat([functional_call(unet, {}, (data["sample"][i:i + 16], data["timestep"][i:i + 16]),
+                                         {"encoder_hidden_states": data["encoder_hidden_states"][i:i + 16],
+                                          "return_dict": False})[0].float()
+                         for i in range(0, data["sample"].shape[0], 16)])
+    plan = {u.name: u for u in R.units(unet, layers)}
+    one_w, two_w, rows = dict(shipped), dict(shipped), []
+    for sc, k in splits.items():
+        unit = next(u for u in plan.values() if sc in u.layers)
+        args, kwargs, _ = R.capture(unet, unit, data, shipped, with_output=False)
+        target = R.capture(unet, unit, data, None, with_output=True)[2]
+        n = target.shape[0]
+        run = R._runner(unit, args, kwargs, n)
+        ranges = {ln: layers[ln]._dgq_wranges[(bits, layers[ln].weight_search)] for ln in unit.layers}
+        gen = torch.Generator().manual_seed(settings.seed)
+        masks = R.learn_unit(unit, layers, ranges, bits, None, None, target, settings, gen, forward=run)
+        one = {ln: R._dequant(layers[ln], masks[ln], *ranges[ln], bits) for ln in unit.layers}
+        # the same block with the shortcut's weight as two layers, one per half of its input channels
+        w = layers[sc].weight.detach()
+        halves = {f"{sc}#0": _Half(w[:, :k]), f"{sc}#1": _Half(w[:, k:])}
+        v_layers = dict({ln: layers[ln] for ln in unit.layers if ln != sc}, **halves)
+        v_ranges = dict({ln: ranges[ln] for ln in unit.layers if ln != sc},
+                        **{h: P.quantize_weight(x.weight, bits, layers[sc].weight_search)[1:] for h, x in halves.items()})
+        v_unit = R.Unit(unit.name, unit.module, list(v_layers))
+
+        def joined(weights: dict[str, torch.Tensor], idx: torch.Tensor, sc=sc, run=run) -> torch.Tensor:
+            ws = dict(weights)
+            ws[sc] = torch.cat([ws.pop(f"{sc}#0"), ws.pop(f"{sc}#1")], 1)
+            return run(ws, idx)
+
+        gen = torch.Generator().manual_seed(settings.seed)
+        v_masks = R.learn_unit(v_unit, v_layers, v_ranges, bits, None, None, target, settings, gen, forward=joined)
+        two = {ln: R._dequant(v_layers[ln], v_masks[ln], *v_ranges[ln], bits) for ln in v_layers}
+        two[sc] = torch.cat([two.pop(f"{sc}#0"), two.pop(f"{sc}#1")], 1)
+        rows.append({"block": unit.name, "split": k,
+                     "block_mse_shipped": R._mse(unit, None, None, target, {ln: shipped[ln] for ln in unit.layers}, run),
+                     "block_mse_one_range": R._mse(unit, None, None, target, one, run),
+                     "block_mse_split": R._mse(unit, None, None, target, two, run)})
+        one_w.update(one)
+        two_w.update(two)
+    with torch.no_grad():
+        e = {name: unet_error(unet, {f"{n}.weight": x for n, x in ws.items()}, data, ref)
+             for name, ws in (("shipped", shipped), ("one_range", one_w), ("split", two_w))}
+    return {"bits": bits, "blocks": rows, "unet_mse_shipped": e["shipped"], "unet_mse_one_range": e["one_range"],
+            "unet_mse_split": e["split"], "unet_change": e["split"] / e["one_range"] - 1 if e["one_range"] > 0 else 0.0}
+
+
+def adaround_table(rows: list[dict]) -> str:
+    lines = ["| W | block output MSE, split / one range (min … max over the 6 blocks) | UNet output MSE vs FP: "
+             "shipped rounding | blocks re-learned, one range | blocks re-learned, split | change |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratios = [b["block_mse_split"] / b["block_mse_one_range"] - 1 for b in r["blocks"]]
+        lines.append(f"| W{r['bits']} | {100 * min(ratios):+.1f} … {100 * max(ratios):+.1f} % | "
+                     f"{r['unet_mse_shipped']:.4e} | {r['unet_mse_one_range']:.4e} | {r['unet_mse_split']:.4e} | "
+                     f"{100 * r['unet_change']:+.2f} % |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     lines = [f"{result['split_layers']} split layers of {result['quantized_layers']} quantized, "
              f"{result['samples']} UNet inputs, nearest weights, FP activations", "",
@@ -99,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--bits", default="4,8", help="weight bits, comma-separated")
     ap.add_argument("--samples", type=int, default=128, help="UNet inputs drawn from the 64 calibration prompts' runs")
+    ap.add_argument("--adaround", action="store_true", help="also reconstruct the six blocks with and without the "
+                    "split (AdaRound, the shipped settings; needs the stored rounding at each W)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args(argv)
     try:
@@ -116,6 +207,19 @@ def main(argv: list[str] | None = None) -> int:
                            default_guidance(pipe))
     result = measure(pipe, bits, data)
     print(table(result))
+    if a.adaround:
+        from dgq.studio import Studio, calibrate
+
+        studio = Studio(pipe, calibrate(pipe))
+        missing = [b for b in bits if not studio.load_rounding(b)]
+        if missing:
+            print(f"error: no stored AdaRound rounding at W{missing[0]}: run `python -m dgq reconstruct --model "
+                  f"{a.model} --w-bits {missing[0]}`", file=sys.stderr)
+            return 2
+        with R.torch_threads(1):
+            result["adaround"] = [adaround_blocks(pipe, b, data) for b in bits]
+        print()
+        print(adaround_table(result["adaround"]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

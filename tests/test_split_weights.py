@@ -39,3 +39,32 @@ def test_measure_on_a_random_pipeline(random_pipe, random_studio):
     assert math.isfinite(row["unet_mse_one_range"]) and row["unet_mse_one_range"] > 0
     assert row["unet_change"] == row["unet_mse_split"] / row["unet_mse_one_range"] - 1
     assert "| W4 |" in SW.table(result)
+
+
+def test_adaround_blocks_learn_both_grids_from_the_same_inputs(random_pipe, random_studio):
+    """`--adaround`: each split layer's block is reconstructed with one range and with the split,
+    and the block and UNet figures are finite and positive."""
+    from dgq import adaround as AR
+    from dgq.adaround import ReconSettings
+    from dgq.modules import quantized_layers
+
+    bits = 3  # a width no other test stores or installs a rounding for
+    cheap = ReconSettings(iters=20, batch_size=2, samples=4, steps=2)
+    layers = quantized_layers(random_pipe.unet)
+    with R.torch_threads(1):
+        data = R.sample_inputs(random_pipe, cheap, ["a red circle", "a blue square"], default_guidance(random_pipe))
+        rounding = R.reconstruct(random_pipe, bits, cheap, ["a red circle", "a blue square"], data=data)
+        AR.install(layers, rounding)
+        try:
+            result = SW.adaround_blocks(random_pipe, bits, data, cheap)
+        finally:
+            key = (bits, rounding.search, "adaround")
+            for layer in layers.values():
+                layer.__dict__.get("_dgq_wround", {}).pop(key, None)
+                layer._dgq_wcache.pop(key, None)
+    assert len(result["blocks"]) >= 1
+    for b in result["blocks"]:
+        assert b["block_mse_one_range"] > 0 and b["block_mse_split"] > 0
+    for k in ("unet_mse_shipped", "unet_mse_one_range", "unet_mse_split"):
+        assert math.isfinite(result[k]) and result[k] > 0
+    assert "| W3 |" in SW.adaround_table([result])
