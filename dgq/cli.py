@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from dgq import bench
 from dgq import eval as evaluation
+from dgq.act_ranges import INITS
 from dgq.cli_common import CliError
 from dgq.cli_common import add_model_args as _add_model_args
 from dgq.cli_common import save_png as _save_png
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Q-Diffusion: 4e-4)")
     r.add_argument("--act-skip-attention", action="store_true", help="learn the layer inputs' step sizes only (Q, K, V "
                    "and the probabilities keep the light qdiff's MSE ranges; Q-Diffusion learns them too)")
-    r.add_argument("--act-init", choices=("ema", "steps"), default="ema", help="where the step sizes start: ema "
+    r.add_argument("--act-init", choices=INITS, default="ema", help="where the step sizes start: ema "
                    "(default; Q-Diffusion's running statistics: MSE on 16 samples, then an EMA of batch min/max over "
                    "the calibration runs) or steps (the mean over calibrated steps of each step's min/max)")
     r.add_argument("--act-ema-samples", type=int, default=None, help="UNet inputs the running statistics go over "
