@@ -29,7 +29,6 @@ import json
 import sys
 
 import torch
-from torch.func import functional_call
 
 from dgq import primitives as P
 
@@ -41,16 +40,18 @@ def split_weight(w: torch.Tensor, split: int, bits: int, search: str = "mse") ->
     return torch.cat([P.dequantize_weight(*P.quantize_weight(h, bits, search)) for h in halves], 1).to(w.dtype)
 
 
-def unet_error(unet, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor], ref: torch.Tensor,
-               batch: int = 16) -> float:
+@torch.no_grad()
+def unet_outputs(unet, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor], batch: int = 16) -> torch.Tensor:
+    """The UNet's outputs over every row of `data`, with the weights in `params` (`{}`: FP)."""
+    from dgq.reconstruction import run_unet
+
+    return torch.cat([run_unet(unet, params, data, slice(i, i + batch)).float()
+                      for i in range(0, data["sample"].shape[0], batch)])
+
+
+def unet_error(unet, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor], ref: torch.Tensor) -> float:
     """Mean squared error of the UNet's output with weights `params` against `ref` (FP outputs)."""
-    err, n = 0.0, data["sample"].shape[0]
-    for i in range(0, n, batch):
-        sl = slice(i, i + batch)
-        out = functional_call(unet, params, (data["sample"][sl], data["timestep"][sl]),
-                              {"encoder_hidden_states": data["encoder_hidden_states"][sl], "return_dict": False})[0]
-        err += float((out.float() - ref[sl]).pow(2).sum())
-    return err / ref.numel()
+    return float((unet_outputs(unet, params, data) - ref).pow(2).mean())
 
 
 def measure(pipe, bits: list[int], data: dict[str, torch.Tensor]) -> dict:
@@ -63,11 +64,8 @@ def measure(pipe, bits: list[int], data: dict[str, torch.Tensor]) -> dict:
     splits = {n: k for n, k in split_points(unet).items() if n in layers}
     if not splits:
         raise SystemExit("this UNet has no split shortcut convs")
+    ref = unet_outputs(unet, {}, data)
     with torch.no_grad():
-        ref = torch.cat([functional_call(unet, {}, (data["sample"][i:i + 16], data["timestep"][i:i + 16]),
-                                         {"encoder_hidden_states": data["encoder_hidden_states"][i:i + 16],
-                                          "return_dict": False})[0].float()
-                         for i in range(0, data["sample"].shape[0], 16)])
         rows = []
         for b in bits:
             one = {n: layer.quantized_weight(b) for n, layer in layers.items()}
@@ -106,15 +104,11 @@ def adaround_blocks(pipe, bits: int, data: dict[str, torch.Tensor], settings=Non
     for layer in layers.values():
         layer.quantized_weight(bits)  # the per-channel ranges the rounding was learned on
     shipped = {n: layer.quantized_weight(bits, "adaround").detach() for n, layer in layers.items()}
-    with torch.no_grad():
-        ref = torch.cat([functional_call(unet, {}, (data["sample"][i:i + 16], data["timestep"][i:i + 16]),
-                                         {"encoder_hidden_states": data["encoder_hidden_states"][i:i + 16],
-                                          "return_dict": False})[0].float()
-                         for i in range(0, data["sample"].shape[0], 16)])
-    plan = {u.name: u for u in R.units(unet, layers)}
+    ref = unet_outputs(unet, {}, data)
+    plan = R.units(unet, layers)
     one_w, two_w, rows = dict(shipped), dict(shipped), []
     for sc, k in splits.items():
-        unit = next(u for u in plan.values() if sc in u.layers)
+        unit = next(u for u in plan if sc in u.layers)
         args, kwargs, _ = R.capture(unet, unit, data, shipped, with_output=False)
         target = R.capture(unet, unit, data, None, with_output=True)[2]
         n = target.shape[0]
@@ -146,9 +140,8 @@ def adaround_blocks(pipe, bits: int, data: dict[str, torch.Tensor], settings=Non
                      "block_mse_split": R._mse(unit, None, None, target, two, run)})
         one_w.update(one)
         two_w.update(two)
-    with torch.no_grad():
-        e = {name: unet_error(unet, {f"{n}.weight": x for n, x in ws.items()}, data, ref)
-             for name, ws in (("shipped", shipped), ("one_range", one_w), ("split", two_w))}
+    e = {name: unet_error(unet, {f"{n}.weight": x for n, x in ws.items()}, data, ref)
+         for name, ws in (("shipped", shipped), ("one_range", one_w), ("split", two_w))}
     return {"bits": bits, "blocks": rows, "unet_mse_shipped": e["shipped"], "unet_mse_one_range": e["one_range"],
             "unet_mse_split": e["split"], "unet_change": e["split"] / e["one_range"] - 1 if e["one_range"] > 0 else 0.0}
 

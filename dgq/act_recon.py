@@ -177,20 +177,21 @@ INIT_SAMPLES = 16  # its initialisation pass: 16 random calibration samples
 EMA_BATCH = 8  # its running-statistics batch
 
 
+def _parts(x: torch.Tensor, split: int | None) -> list[torch.Tensor]:
+    """`x` whole, or its two halves along dim 1 for a split input (one range each)."""
+    x = x.detach()
+    return [x[:, :split], x[:, split:]] if split else [x]
+
+
 def _extremes(x: torch.Tensor, split: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of `x`: shape [1], or [2] (one per half of dim 1) for a split input."""
-    x = x.detach().float()
-    if split:
-        a, b = x[:, :split], x[:, split:]
-        return torch.stack([a.amin(), b.amin()]), torch.stack([a.amax(), b.amax()])
-    return x.amin().reshape(1), x.amax().reshape(1)
+    parts = [part.float() for part in _parts(x, split)]
+    return torch.stack([part.amin() for part in parts]), torch.stack([part.amax() for part in parts])
 
 
 def _mse_range(x: torch.Tensor, split: int | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' 80-candidate L2.4 clipping search (`primitives.mse_search`), per tensor or per half."""
-    x = x.detach()
-    parts = [x[:, :split], x[:, split:]] if split else [x]
-    found = [P.mse_search(part, bits) for part in parts]
+    found = [P.mse_search(part, bits) for part in _parts(x, split)]
     return torch.stack([f[0] for f in found]).reshape(-1), torch.stack([f[1] for f in found]).reshape(-1)
 
 
@@ -208,8 +209,9 @@ def running_ranges(unet: nn.Module, hooks: _Inputs, weights: dict[str, torch.Ten
 
     The network runs with `weights` (the AdaRound weights) and its activations quantized, as
     Q-Diffusion's does after its weight stage; split inputs keep one range per half."""
+    from dgq.reconstruction import run_unet  # noqa: PLC0415
+
     n = data["sample"].shape[0]
-    dev = next(unet.parameters())
     params = {f"{k}.weight": v for k, v in weights.items()}
     stats: dict[str, list[torch.Tensor]] = {}
     bits, state = hooks.bits, {"init": True}
@@ -229,21 +231,15 @@ def running_ranges(unet: nn.Module, hooks: _Inputs, weights: dict[str, torch.Ten
         st[1] = EMA_MOMENTUM * st[1] + (1 - EMA_MOMENTUM) * hi
         set_range(site, *st)
 
-    def run(idx: torch.Tensor) -> None:
-        x = data["sample"][idx].to(dev.device, dev.dtype)
-        t = data["timestep"][idx].to(dev.device)
-        e = data["encoder_hidden_states"][idx].to(dev.device, dev.dtype)
-        functional_call(unet, params, (x, t), {"encoder_hidden_states": e, "return_dict": False})
-
     hooks.observe = observe
     try:
         with torch.no_grad(), hooks.on(list(hooks.layers) + list(hooks.attention)):
-            run(torch.randperm(n, generator=gen)[:INIT_SAMPLES])
+            run_unet(unet, params, data, torch.randperm(n, generator=gen)[:INIT_SAMPLES])
             state["init"] = False
             order = torch.randperm(n, generator=gen)
             batches = n // EMA_BATCH
             for i in range(batches):
-                run(order[i * EMA_BATCH:(i + 1) * EMA_BATCH])
+                run_unet(unet, params, data, order[i * EMA_BATCH:(i + 1) * EMA_BATCH])
     finally:
         hooks.observe = None
     return batches
@@ -293,7 +289,8 @@ def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = 
             data = sample(studio, settings, prompts, say, threads=None)
         ema_data = {k.removeprefix("ema|"): v for k, v in data.items() if k.startswith("ema|")}
         data = {k: v for k, v in data.items() if k not in ("total", "seconds") and not k.startswith("ema|")}
-        labels = {n: split_labels(calib.sites[n].channels, k) for n, k in splits.items() if n in layers}
+        quantized_splits = {n: k for n, k in splits.items() if n in layers}
+        labels = {n: split_labels(calib.sites[n].channels, k) for n, k in quantized_splits.items()}
         plan = R.units(unet, layers)
         attention: dict[str, nn.Module] = {}
         if settings.attention:  # the attention modules inside the units (SD's are all in transformer blocks)
@@ -305,7 +302,7 @@ def learn(studio, w_bits: int, a_bits: int, settings: ActReconSettings | None = 
         if settings.init == "ema":
             t1 = time.perf_counter()
             ema_data = ema_data or data  # inputs from a caller's own sampling: the learning set
-            batches = running_ranges(unet, hooks, qweights, ema_data, {n: k for n, k in splits.items() if n in layers},
+            batches = running_ranges(unet, hooks, qweights, ema_data, quantized_splits,
                                      torch.Generator().manual_seed(settings.seed + 7919 + 100 * w_bits + a_bits))
             running = {"samples": int(ema_data["sample"].shape[0]), "batches": batches,
                        "seconds": round(time.perf_counter() - t1, 1)}

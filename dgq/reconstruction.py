@@ -176,7 +176,6 @@ def capture(unet: nn.Module, unit: Unit, data: dict[str, torch.Tensor], weights:
             with_output: bool) -> tuple[tuple, dict, torch.Tensor | None]:
     """The unit's (args, kwargs) — and its output, if asked — over every sample of `data`, with
     the UNet's layer weights replaced by `weights` (None = FP); each UNet call stops at the unit."""
-    p = next(unet.parameters())
     n = data["sample"].shape[0]
     got: list[tuple[tuple, dict]] = []
     outs: list[torch.Tensor] = []
@@ -196,13 +195,9 @@ def capture(unet: nn.Module, unit: Unit, data: dict[str, torch.Tensor], weights:
     params = {f"{k}.weight": v for k, v in (weights or {}).items()}
     try:
         for i in range(0, n, CAPTURE_BATCH):
-            sl = slice(i, i + CAPTURE_BATCH)
-            x = data["sample"][sl].to(p.device, p.dtype)
-            t = data["timestep"][sl].to(p.device)
-            e = data["encoder_hidden_states"][sl].to(p.device, p.dtype)
             before = len(got)
             try:
-                functional_call(unet, params, (x, t), {"encoder_hidden_states": e, "return_dict": False})
+                run_unet(unet, params, data, slice(i, i + CAPTURE_BATCH))
             except _Stop:
                 pass
             if len(got) != before + 1:
@@ -212,6 +207,16 @@ def capture(unet: nn.Module, unit: Unit, data: dict[str, torch.Tensor], weights:
             h.remove()
     args, kwargs = _cat([g[0] for g in got]), _cat([g[1] for g in got])
     return args, kwargs, (torch.cat(outs) if with_output else None)
+
+
+def run_unet(unet: nn.Module, params: dict[str, torch.Tensor], data: dict[str, torch.Tensor], rows) -> torch.Tensor:
+    """The UNet's output on `rows` (a slice or index tensor) of `unet_inputs`-style `data`, with
+    the parameters in `params` (`<layer>.weight` → tensor) replacing its own."""
+    p = next(unet.parameters())
+    x = data["sample"][rows].to(p.device, p.dtype)
+    t = data["timestep"][rows].to(p.device)
+    e = data["encoder_hidden_states"][rows].to(p.device, p.dtype)
+    return functional_call(unet, params, (x, t), {"encoder_hidden_states": e, "return_dict": False})[0]
 
 
 def _rel(unit: Unit, layer: str) -> str:
