@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -122,6 +123,64 @@ def measure(pipe, prompts: list[str], steps: int = 25, guidance: float | None = 
     return out
 
 
+@torch.no_grad()
+def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | None = None) -> dict:
+    """Why the mass goes where it goes: per token class, the mean pre-softmax logit q·k/√d minus
+    the mean padding logit (over pixels, heads, cross-attention layers, steps and prompts of the
+    conditional branch), and the norm of what one position adds to the residual stream at
+    probability 1 (`to_out` applied to its value, bias left out) relative to a padding position's.
+
+    A sink in the sense of large causal transformers is a position every query scores high
+    against (a large logit lead) whose value adds little (a small output norm): a no-op target.
+    (`main` adds `lead_for_half`: by how much `<start>`'s logit lead must grow, all else equal, to
+    lift its measured share s to one half, log((1 − s) / s).)"""
+    studio = dgq.Studio(pipe)
+    classes: dict[str, list[int]] = {}  # token positions of the prompt being generated
+    sums: dict[str, float] = {}
+    count = 0
+    n_pad_total = 0
+
+    def hook(module, args, kwargs):
+        nonlocal count
+        hs = args[0] if args else kwargs["hidden_states"]
+        enc = kwargs.get("encoder_hidden_states")
+        if enc is None and len(args) > 1:
+            enc = args[1]
+        hs, enc = hs[-1:], enc[-1:]  # the conditional branch ([uncond, cond] under guidance)
+        h = module.heads
+        q = module.to_q(hs).unflatten(-1, (h, -1)).transpose(1, 2)  # [1, h, N, d]
+        k = module.to_k(enc).unflatten(-1, (h, -1)).transpose(1, 2)  # [1, h, 77, d]
+        v = module.to_v(enc)  # [1, 77, C]
+        logits = (q @ k.transpose(-1, -2)) * module.scale  # [1, h, N, 77]
+        per_pos = logits.mean(dim=(0, 1, 2))  # [77]
+        out_norm = F.linear(v, module.to_out[0].weight).norm(dim=-1)[0]  # [77]
+        pad = per_pos[classes["padding"]].mean()
+        pad_norm = out_norm[classes["padding"]].mean()
+        top = logits.argmax(-1).flatten()  # each (head, pixel)'s highest-scoring position
+        for name, idx in classes.items():
+            sums[f"logit_{name}"] = sums.get(f"logit_{name}", 0.0) + float(per_pos[idx].mean() - pad)
+            sums[f"top_{name}"] = sums.get(f"top_{name}", 0.0) + float(torch.isin(top, torch.tensor(idx)).float().mean())
+            sums[f"out_norm_{name}"] = sums.get(f"out_norm_{name}", 0.0) + float(out_norm[idx].mean() / pad_norm)
+        count += 1
+
+    cross = [m for n, m in pipe.unet.named_modules() if n.endswith("attn2")]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in cross]
+    try:
+        for i, prompt in enumerate(prompts):
+            n_tok = len(studio.tokens(prompt)[0])  # <start> … EOS
+            classes.update(start=[0], words=list(range(1, n_tok - 1)), eos=[n_tok - 1],
+                           padding=list(range(n_tok, 77)))
+            n_pad_total += 77 - n_tok
+            studio.generate(prompt, seed=i, steps=steps, guidance=guidance)
+    finally:
+        for hd in handles:
+            hd.remove()
+    out = {k: round(v / max(count, 1), 3) for k, v in sums.items() if k not in ("logit_padding", "out_norm_padding")}
+    # top_<class>: the share of (head, pixel) pairs whose highest-scoring position is of that class
+    out["mean_padding_positions"] = round(n_pad_total / max(len(prompts), 1), 1)
+    return out
+
+
 def _prompts(n: int, background: str) -> list[str]:
     """Held-out prompts (renderer seeds 90,000,000 + i) with the background phrase as asked."""
     out = []
@@ -147,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--text-only", action="store_true", help="only add the text-state figures to the --label entry")
-    p.add_argument("--table", action="store_true", help="print --out as the Markdown table of docs/embedded-model.md")
+    p.add_argument("--logits", action="store_true", help="only add logit_stats (logit leads over padding, output "
+                   "norms) to the --label entry")
+    p.add_argument("--table", action="store_true", help="print --out as the Markdown tables of docs/embedded-model.md")
     p.add_argument("--out", default="docs/start-sink.json")
     p.add_argument("--background", choices=["template", "named", "unnamed"], default="template",
                    help="the prompts' background phrase: as the template writes it (gray implicit), always "
@@ -163,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row))
         return
     if a.table:
-        print(table_markdown(json.loads(Path(a.out).read_text())))
+        table = json.loads(Path(a.out).read_text())
+        print(table_markdown(table) + "\n\n" + logits_markdown(table))
         return
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -172,6 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     prompts = _prompts(a.n, a.background)
     out = Path(a.out)
     table = json.loads(out.read_text()) if out.exists() else {}
+    if a.logits:
+        entry = table.setdefault(a.label or a.model, {})
+        res = logit_stats(pipe, prompts, a.steps, guidance)
+        if "start" in entry:
+            res["lead_for_half"] = round(float(np.log((1 - entry["start"]) / entry["start"])), 3)
+        res["command"] = (f"python -m benchmarks.start_sink --model {a.model} --n {a.n} --background {a.background} "
+                          f"--label {shlex.quote(a.label or a.model)} --logits")
+        entry["logits"] = res
+        print(json.dumps(res))
+        _write(out, table)
+        return
     if a.text_only:
         table.setdefault(a.label or a.model, {})["text_states"] = text_states(pipe, prompts)
         print(json.dumps(table[a.label or a.model]["text_states"]))
@@ -184,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                 "steps": a.steps, "guidance": guidance,
                 "seconds": round(time.time() - t0, 1),
                 "command": f"python -m benchmarks.start_sink --model {a.model} --n {a.n} --background {a.background} "
-                           f"--label {a.label or a.model}"})
+                           f"--label {shlex.quote(a.label or a.model)}"})
     print(json.dumps(res, indent=1))
     table[a.label or a.model] = res
     _write(out, table)
@@ -209,6 +282,23 @@ def table_markdown(table: dict) -> str:
                     f"{100 * r['eos']:.1f} % | {100 * r['padding']:.1f} % | {_pct(r.get('start_bg'))} / "
                     f"{_pct(r.get('start_obj'))} | {100 * r['p_above_0.9_on_start']:.1f} % of {r['n_above_0.9']} "
                     f"| {state} |")
+    return "\n".join(rows)
+
+
+def logits_markdown(table: dict) -> str:
+    """One row per model with `logit_stats`: logit leads over a padding position and output norms
+    relative to a padding position's, for `<start>`, the words and EOS."""
+    rows = ["| model | mean logit lead over padding: `<start>` / words / EOS | first choice of a (head, pixel): "
+            "`<start>` / words / EOS / padding | output norm vs padding: `<start>` / words / EOS "
+            "| lead `<start>` would need for half the mass |\n|---|---|---|---|---|"]
+    for label, r in table.items():
+        g = r.get("logits")
+        if not g:
+            continue
+        need = f"+{g['lead_for_half']:.2f}" if "lead_for_half" in g else "–"
+        top = " / ".join(f"{100 * g['top_' + c]:.0f} %" for c in ("start", "words", "eos", "padding"))
+        rows.append(f"| {label} | {g['logit_start']:+.2f} / {g['logit_words']:+.2f} / {g['logit_eos']:+.2f} | {top} | "
+                    f"{g['out_norm_start']:.2f} / {g['out_norm_words']:.2f} / {g['out_norm_eos']:.2f} | {need} |")
     return "\n".join(rows)
 
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import dgq
 from dgq.tiny import train as T
-from dgq.tiny.models import ARCHS, make_unet
+from dgq.tiny.models import ARCHS, make_unet, same_weights
 
 
 def _meta(path):
@@ -69,6 +69,28 @@ def test_train_resume_and_export(latents, tmp_path):
     info = json.loads((folder / "training.json").read_text())
     assert info["unet_samples"] == second["total_samples"] and len(info["runs"]) == 2
     assert not (tmp_path / "exported.staging").exists()
+
+
+def test_heads_variant_continues_from_the_same_widths(latents, tmp_path):
+    """"m8" is "m" with SD's 8 heads: the same parameter shapes, so it continues from an "m" save
+    unchanged (lr 0) and exports a pipeline with 8 heads; sizes of other widths are refused."""
+    assert same_weights("m", "m8") and not same_weights("s", "m8") and not same_weights("m", "mt")
+    shapes = {k: v.shape for k, v in make_unet("m").state_dict().items()}
+    m8 = make_unet("m8")
+    assert {k: v.shape for k, v in m8.state_dict().items()} == shapes
+    assert {m.heads for n, m in m8.named_modules() if n.endswith(("attn1", "attn2"))} == {8}
+    kw = dict(seconds=0.5, batch=2, lr=0.0, device="cpu", seed=0, save_every=1e9, eval_n=0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    T.train_size("m", latents, T.DEFAULT_BASE, tmp_path / "a", **kw)
+    T.train_size("m8", latents, T.DEFAULT_BASE, tmp_path / "b", init=tmp_path / "a" / "m.safetensors", **kw)
+    with safe_open(str(tmp_path / "a" / "m.safetensors"), "pt") as a, safe_open(str(tmp_path / "b" / "m8.safetensors"), "pt") as b:
+        k = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+        assert torch.equal(a.get_tensor(k), b.get_tensor(k))
+    T.export(tmp_path / "b" / "m8.safetensors", tmp_path / "pipe", guidance=3.0)
+    assert dgq.load_pipeline(str(tmp_path / "pipe"), device="cpu").unet.config.attention_head_dim == 8
+    with pytest.raises(ValueError, match="do not fit 's'"):
+        T.train_size("s", latents, T.DEFAULT_BASE, tmp_path / "b", init=tmp_path / "a" / "m.safetensors", **kw)
 
 
 def test_unknown_size_is_a_clear_error():

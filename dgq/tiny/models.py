@@ -51,6 +51,9 @@ ARCHS: dict[str, Arch] = {
     "s": Arch(),  # the first shipped model (CPU-trained): 1.5 M UNet parameters
     "m": Arch(block_out_channels=(48, 96, 96)),  # 3.3 M: the shipped model (assets/tiny-sd)
     "mt": Arch(block_out_channels=(48, 96, 96), text_layers=4),  # 3.3 M, a deeper text encoder
+    # "m" with SD v1.4's 8 heads (head widths 6 / 12): the same weights, so it warm-starts from "m";
+    # the heads hypothesis of the `<start>` sink (docs/embedded-model.md)
+    "m8": Arch(block_out_channels=(48, 96, 96), heads=8),
 }
 
 
@@ -58,6 +61,13 @@ def _arch(name: str) -> Arch:
     if name not in ARCHS:
         raise ValueError(f"unknown embedded-model size {name!r}; allowed: {', '.join(ARCHS)}")
     return ARCHS[name]
+
+
+def same_weights(a: str, b: str) -> bool:
+    """Whether sizes `a` and `b` have the same parameter shapes (they may differ in heads only),
+    so that one can continue training from the other's weights."""
+    x, y = _arch(a), _arch(b)
+    return x.block_out_channels == y.block_out_channels and x.text_layers == y.text_layers
 
 
 def make_unet(arch: str = "s") -> UNet2DConditionModel:

@@ -314,7 +314,7 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     from transformers import CLIPTokenizer  # noqa: PLC0415
 
     from dgq.tiny.evaluator import load_evaluator  # noqa: PLC0415
-    from dgq.tiny.models import make_scheduler, make_text_encoder, make_unet  # noqa: PLC0415
+    from dgq.tiny.models import make_scheduler, make_text_encoder, make_unet, same_weights  # noqa: PLC0415
     from dgq.tiny.render import sample  # noqa: PLC0415
     from dgq.tiny.report import HELD_OUT_SEED  # noqa: PLC0415
 
@@ -332,8 +332,8 @@ def train_size(size: str, latents_path: Path, base: Path, out: Path, seconds: fl
     history: list[dict] = []
     if init is not None:  # continue from saved EMA weights (fresh optimizer and schedule)
         unet_sd, text_sd, init_size, history = load_weights(init)
-        if init_size != size:
-            raise ValueError(f"{init} holds size {init_size!r}, not {size!r}")
+        if not same_weights(init_size, size):
+            raise ValueError(f"{init} holds size {init_size!r}, whose weights do not fit {size!r}")
         unet.load_state_dict(unet_sd)
         text.load_state_dict(text_sd)
         log.info("[%s] initialised from %s (%d samples)", size, init, sum(h["samples"] for h in history))
