@@ -157,6 +157,8 @@ def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | Non
         pad = per_pos[classes["padding"]].mean()
         pad_norm = out_norm[classes["padding"]].mean()
         top = logits.argmax(-1).flatten()  # each (head, pixel)'s highest-scoring position
+        sums["max_prob"] = sums.get("max_prob", 0.0) + float(logits.softmax(-1).amax(-1).mean())
+        sums["logit_spread"] = sums.get("logit_spread", 0.0) + float(logits.std(-1).mean())
         for name, idx in classes.items():
             sums[f"logit_{name}"] = sums.get(f"logit_{name}", 0.0) + float(per_pos[idx].mean() - pad)
             sums[f"top_{name}"] = sums.get(f"top_{name}", 0.0) + float(torch.isin(top, torch.tensor(idx)).float().mean())
@@ -176,7 +178,9 @@ def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | Non
         for hd in handles:
             hd.remove()
     out = {k: round(v / max(count, 1), 3) for k, v in sums.items() if k not in ("logit_padding", "out_norm_padding")}
-    # top_<class>: the share of (head, pixel) pairs whose highest-scoring position is of that class
+    # top_<class>: the share of (head, pixel) pairs whose highest-scoring position is of that class;
+    # max_prob: the mean over (head, pixel) of its largest probability; logit_spread: the mean over
+    # (head, pixel) of the standard deviation of its 77 logits (how sharp attention can be at all)
     out["mean_padding_positions"] = round(n_pad_total / max(len(prompts), 1), 1)
     return out
 
@@ -288,16 +292,19 @@ def table_markdown(table: dict) -> str:
 def logits_markdown(table: dict) -> str:
     """One row per model with `logit_stats`: logit leads over a padding position and output norms
     relative to a padding position's, for `<start>`, the words and EOS."""
-    rows = ["| model | mean logit lead over padding: `<start>` / words / EOS | first choice of a (head, pixel): "
-            "`<start>` / words / EOS / padding | output norm vs padding: `<start>` / words / EOS "
-            "| lead `<start>` would need for half the mass |\n|---|---|---|---|---|"]
+    rows = ["| model | first choice of a (head, pixel): `<start>` / words / EOS / padding | largest probability "
+            "of a (head, pixel), mean | logit spread (std over the 77) | mean logit lead over padding: `<start>` / "
+            "words / EOS | output norm vs padding: `<start>` / words / EOS | lead `<start>` would need for half "
+            "the mass |\n|---|---|---|---|---|---|---|"]
     for label, r in table.items():
         g = r.get("logits")
         if not g:
             continue
         need = f"+{g['lead_for_half']:.2f}" if "lead_for_half" in g else "–"
         top = " / ".join(f"{100 * g['top_' + c]:.0f} %" for c in ("start", "words", "eos", "padding"))
-        rows.append(f"| {label} | {g['logit_start']:+.2f} / {g['logit_words']:+.2f} / {g['logit_eos']:+.2f} | {top} | "
+        sharp = (f"{g['max_prob']:.2f} | {g['logit_spread']:.2f}" if "max_prob" in g else "– | –")
+        rows.append(f"| {label} | {top} | {sharp} | {g['logit_start']:+.2f} / {g['logit_words']:+.2f} / "
+                    f"{g['logit_eos']:+.2f} | "
                     f"{g['out_norm_start']:.2f} / {g['out_norm_words']:.2f} / {g['out_norm_eos']:.2f} | {need} |")
     return "\n".join(rows)
 
