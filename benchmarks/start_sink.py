@@ -123,6 +123,16 @@ def measure(pipe, prompts: list[str], steps: int = 25, guidance: float | None = 
     return out
 
 
+def head_logits(attn, hidden: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A diffusers cross-attention's pre-softmax logits [B, heads, N, 77] and values
+    [B, heads, 77, d] (no attention mask: SD's UNet uses none for the text)."""
+    h = attn.heads
+    q = attn.to_q(hidden).unflatten(-1, (h, -1)).transpose(1, 2)
+    k = attn.to_k(context).unflatten(-1, (h, -1)).transpose(1, 2)
+    v = attn.to_v(context).unflatten(-1, (h, -1)).transpose(1, 2)
+    return (q @ k.transpose(-1, -2)) * attn.scale, v
+
+
 @torch.no_grad()
 def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | None = None) -> dict:
     """Why the mass goes where it goes: per token class, the mean pre-softmax logit q·k/√d minus
@@ -146,14 +156,10 @@ def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | Non
         enc = kwargs.get("encoder_hidden_states")
         if enc is None and len(args) > 1:
             enc = args[1]
-        hs, enc = hs[-1:], enc[-1:]  # the conditional branch ([uncond, cond] under guidance)
-        h = module.heads
-        q = module.to_q(hs).unflatten(-1, (h, -1)).transpose(1, 2)  # [1, h, N, d]
-        k = module.to_k(enc).unflatten(-1, (h, -1)).transpose(1, 2)  # [1, h, 77, d]
-        v = module.to_v(enc)  # [1, 77, C]
-        logits = (q @ k.transpose(-1, -2)) * module.scale  # [1, h, N, 77]
+        # the conditional branch ([uncond, cond] under guidance)
+        logits, v = head_logits(module, hs[-1:], enc[-1:])
         per_pos = logits.mean(dim=(0, 1, 2))  # [77]
-        out_norm = F.linear(v, module.to_out[0].weight).norm(dim=-1)[0]  # [77]
+        out_norm = F.linear(v.transpose(1, 2).flatten(2), module.to_out[0].weight).norm(dim=-1)[0]  # [77]
         pad = per_pos[classes["padding"]].mean()
         pad_norm = out_norm[classes["padding"]].mean()
         top = logits.argmax(-1).flatten()  # each (head, pixel)'s highest-scoring position

@@ -45,3 +45,33 @@ def test_tower_states_follow_the_stream_and_end_at_the_encoders_output():
     assert [r["at"] for r in rows] == ["embeddings", *(f"layer {i}" for i in range(1, layers + 1)), "final layer norm"]
     last = S.text_states(pipe, prompts)  # the encoder's output is what every cross-attention sees
     assert rows[-1]["start_norm"] == last["start_norm"] and rows[-1]["other_absmax"] == last["other_absmax"]
+
+
+def test_head_logits_reproduce_the_attention_output():
+    """The logits and values the diagnostic reads are the ones the layer attends with."""
+    import torch
+
+    from dgq.tiny.models import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    attn = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2"))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+    context = torch.randn(2, 77, attn.to_k.in_features, generator=g)
+    logits, v = S.head_logits(attn, hidden, context)
+    mixed = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+    with torch.no_grad():
+        want = attn(hidden, encoder_hidden_states=context)
+    assert torch.allclose(attn.to_out[0](mixed), want, atol=1e-5)
+
+
+def test_logit_stats_on_a_random_pipeline():
+    from dgq.tiny.models import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    r = S.logit_stats(pipe, ["a small red circle on the left"], steps=2, guidance=2.0)
+    assert abs(sum(r[f"top_{c}"] for c in ("start", "words", "eos", "padding")) - 1.0) < 1e-3
+    assert 1 / 77 <= r["max_prob"] <= 1 and r["logit_spread"] > 0 and r["out_norm_start"] > 0
+    assert r["mean_padding_positions"] == 77 - 9  # <start>, 7 words, EOS
+    table = S.logits_markdown({"m": {"logits": {**r, "lead_for_half": 2.0}}})
+    assert table.count("\n") == 2 and "| m |" in table and "+2.00 |" in table
