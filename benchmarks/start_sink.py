@@ -18,6 +18,7 @@ atomically, so the hypothesis table in docs/embedded-model.md is one file.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -242,23 +243,24 @@ def main(argv: list[str] | None = None) -> None:
     pipe = dgq.load_pipeline(a.model, device="cpu")
     guidance = dgq.default_guidance(pipe) if a.guidance is None else a.guidance
     prompts = _prompts(a.n, a.background)
-    out = Path(a.out)
-    table = json.loads(out.read_text()) if out.exists() else {}
+    out, label = Path(a.out), a.label or a.model
     if a.logits:
-        entry = table.setdefault(a.label or a.model, {})
         res = logit_stats(pipe, prompts, a.steps, guidance)
-        if "start" in entry:
-            res["lead_for_half"] = round(float(np.log((1 - entry["start"]) / entry["start"])), 3)
         res["command"] = (f"python -m benchmarks.start_sink --model {a.model} --n {a.n} --background {a.background} "
-                          f"--label {shlex.quote(a.label or a.model)} --logits")
-        entry["logits"] = res
+                          f"--label {shlex.quote(label)} --logits")
+
+        def add_logits(entry: dict) -> dict:
+            if "start" in entry:
+                res["lead_for_half"] = round(float(np.log((1 - entry["start"]) / entry["start"])), 3)
+            return {**entry, "logits": res}
+
+        update(out, label, add_logits)
         print(json.dumps(res))
-        _write(out, table)
         return
     if a.text_only:
-        table.setdefault(a.label or a.model, {})["text_states"] = text_states(pipe, prompts)
-        print(json.dumps(table[a.label or a.model]["text_states"]))
-        _write(out, table)
+        states = text_states(pipe, prompts)
+        update(out, label, lambda entry: {**entry, "text_states": states})
+        print(json.dumps(states))
         return
     t0 = time.time()
     res = measure(pipe, prompts, a.steps, guidance)
@@ -267,10 +269,9 @@ def main(argv: list[str] | None = None) -> None:
                 "steps": a.steps, "guidance": guidance,
                 "seconds": round(time.time() - t0, 1),
                 "command": f"python -m benchmarks.start_sink --model {a.model} --n {a.n} --background {a.background} "
-                           f"--label {shlex.quote(a.label or a.model)}"})
+                           f"--label {shlex.quote(label)}"})
     print(json.dumps(res, indent=1))
-    table[a.label or a.model] = res
-    _write(out, table)
+    update(out, label, lambda _entry: res)  # fresh shares: a new entry (run --logits after)
 
 
 def _pct(v: float | None) -> str:
@@ -315,10 +316,18 @@ def logits_markdown(table: dict) -> str:
     return "\n".join(rows)
 
 
-def _write(out: Path, table: dict) -> None:
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, out)
+def update(out: Path, label: str, change) -> None:
+    """Replace the entry `label` of the JSON table `out` by `change(old entry or {})`, under an
+    exclusive lock and re-reading the file inside it, so that measurements of several models run
+    at once never drop each other's entries; the write is atomic."""
+    lock = out.with_name(out.name + ".lock")
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        table = json.loads(out.read_text()) if out.exists() else {}
+        table[label] = change(table.get(label, {}))
+        tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, out)
 
 
 if __name__ == "__main__":

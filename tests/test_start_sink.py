@@ -75,3 +75,26 @@ def test_logit_stats_on_a_random_pipeline():
     assert r["mean_padding_positions"] == 77 - 9  # <start>, 7 words, EOS
     table = S.logits_markdown({"m": {"logits": {**r, "lead_for_half": 2.0}}})
     assert table.count("\n") == 2 and "| m |" in table and "+2.00 |" in table
+
+
+def _bump(path: str, label: str, n: int) -> None:
+    from pathlib import Path
+
+    for _ in range(n):
+        S.update(Path(path), label, lambda e: {"count": e.get("count", 0) + 1})
+
+
+def test_concurrent_updates_keep_every_entry(tmp_path):
+    """Several models measured at once each merge their entry into one file: none is lost."""
+    import json
+    import multiprocessing as mp
+
+    out = tmp_path / "sink.json"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_bump, args=(str(out), label, 30)) for label in ("a", "b", "c")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert json.loads(out.read_text()) == {"a": {"count": 30}, "b": {"count": 30}, "c": {"count": 30}}
+    assert not list(tmp_path.glob("*.tmp"))
