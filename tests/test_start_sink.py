@@ -98,3 +98,16 @@ def test_concurrent_updates_keep_every_entry(tmp_path):
         p.join()
     assert json.loads(out.read_text()) == {"a": {"count": 30}, "b": {"count": 30}, "c": {"count": 30}}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_doc_tables_are_the_measured_json():
+    """docs/embedded-model.md shows docs/start-sink.json as it is, both tables."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    table = json.loads((root / "docs" / "start-sink.json").read_text())
+    doc = (root / "docs" / "embedded-model.md").read_text()
+    assert S.table_markdown(table) in doc
+    assert S.logits_markdown(table) in doc
+    assert any("logits" in r for r in table.values())
