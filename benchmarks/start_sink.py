@@ -11,8 +11,13 @@ background; at an attention resolution a pixel is background when none of its 64
 object, object when at least half are. "p > 0.9 on <start>" is the share of the attention
 probabilities above 0.9 that belong to the `<start>` column (the peak of the paper's Fig. 4).
 
-Results are merged into `--out` under `--label` (one JSON object per measured model), written
-atomically, so the hypothesis table in docs/embedded-model.md is one file.
+`--logits` adds why the mass goes there (`logit_stats`: each (head, pixel)'s first choice, how
+sharp attention is, logit leads and output norms per token class) to the same entry; run it after
+the shares, which start a fresh entry.
+
+Results are merged into `--out` under `--label` (one JSON object per measured model) under a file
+lock, written atomically, so several models can be measured at once and the hypothesis tables in
+docs/embedded-model.md come from one file.
 """
 
 from __future__ import annotations
@@ -136,10 +141,16 @@ def head_logits(attn, hidden: torch.Tensor, context: torch.Tensor) -> tuple[torc
 
 @torch.no_grad()
 def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | None = None) -> dict:
-    """Why the mass goes where it goes: per token class, the mean pre-softmax logit q·k/√d minus
-    the mean padding logit (over pixels, heads, cross-attention layers, steps and prompts of the
-    conditional branch), and the norm of what one position adds to the residual stream at
-    probability 1 (`to_out` applied to its value, bias left out) relative to a padding position's.
+    """Why the mass goes where it goes, from the pre-softmax logits q·k/√d of the conditional
+    branch (means over pixels, heads, cross-attention layers, steps and prompts):
+
+    * `top_<class>`: the share of (head, pixel) pairs whose highest-scoring position is of that
+      class (start, words, eos, padding);
+    * `max_prob`: a (head, pixel)'s largest probability; `logit_spread`: the standard deviation of
+      its 77 logits (how sharp its attention can be at all);
+    * `logit_<class>`: the class's mean logit minus the mean padding logit;
+    * `out_norm_<class>`: the norm of what one position adds to the output at probability 1
+      (`to_out` applied to its value, bias left out) relative to a padding position's.
 
     A sink in the sense of large causal transformers is a position every query scores high
     against (a large logit lead) whose value adds little (a small output norm): a no-op target.
@@ -153,6 +164,8 @@ def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | Non
 
     def hook(module, args, kwargs):
         nonlocal count
+        if not classes["padding"]:  # a prompt that fills all 77 positions has no padding to compare with
+            return
         hs = args[0] if args else kwargs["hidden_states"]
         enc = kwargs.get("encoder_hidden_states")
         if enc is None and len(args) > 1:
@@ -185,9 +198,6 @@ def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | Non
         for hd in handles:
             hd.remove()
     out = {k: round(v / max(count, 1), 3) for k, v in sums.items() if k not in ("logit_padding", "out_norm_padding")}
-    # top_<class>: the share of (head, pixel) pairs whose highest-scoring position is of that class;
-    # max_prob: the mean over (head, pixel) of its largest probability; logit_spread: the mean over
-    # (head, pixel) of the standard deviation of its 77 logits (how sharp attention can be at all)
     out["mean_padding_positions"] = round(n_pad_total / max(len(prompts), 1), 1)
     return out
 
@@ -217,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--text-only", action="store_true", help="only add the text-state figures to the --label entry")
-    p.add_argument("--logits", action="store_true", help="only add logit_stats (logit leads over padding, output "
-                   "norms) to the --label entry")
+    p.add_argument("--logits", action="store_true", help="only add logit_stats (first choices, sharpness, logit "
+                   "leads over padding, output norms) to the --label entry")
     p.add_argument("--table", action="store_true", help="print --out as the Markdown tables of docs/embedded-model.md")
     p.add_argument("--out", default="docs/start-sink.json")
     p.add_argument("--background", choices=["template", "named", "unnamed"], default="template",
@@ -297,8 +307,8 @@ def table_markdown(table: dict) -> str:
 
 
 def logits_markdown(table: dict) -> str:
-    """One row per model with `logit_stats`: logit leads over a padding position and output norms
-    relative to a padding position's, for `<start>`, the words and EOS."""
+    """One row per model with `logit_stats`: first choices, sharpness, logit leads over a padding
+    position and output norms relative to a padding position's."""
     rows = ["| model | first choice of a (head, pixel): `<start>` / words / EOS / padding | largest probability "
             "of a (head, pixel), mean | logit spread (std over the 77) | mean logit lead over padding: `<start>` / "
             "words / EOS | output norm vs padding: `<start>` / words / EOS | lead `<start>` would need for half "
