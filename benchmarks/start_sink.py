@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import shlex
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import dgq
+from dgq.eval.plan import write_json
 from dgq.tiny.report import held_out_prompts
 
 
@@ -335,9 +335,7 @@ def update(out: Path, label: str, change) -> None:
         fcntl.flock(fh, fcntl.LOCK_EX)
         table = json.loads(out.read_text()) if out.exists() else {}
         table[label] = change(table.get(label, {}))
-        tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, out)
+        write_json(out, table)
 
 
 if __name__ == "__main__":
