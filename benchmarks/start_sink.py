@@ -27,6 +27,7 @@ import fcntl
 import json
 import shlex
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,7 @@ def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | Non
     lift its measured share s to one half, log((1 − s) / s).)"""
     studio = dgq.Studio(pipe)
     classes: dict[str, list[int]] = {}  # token positions of the prompt being generated
-    sums: dict[str, float] = {}
+    sums: defaultdict[str, float] = defaultdict(float)
     count = 0
     n_pad_total = 0
 
@@ -177,12 +178,12 @@ def logit_stats(pipe, prompts: list[str], steps: int = 25, guidance: float | Non
         pad = per_pos[classes["padding"]].mean()
         pad_norm = out_norm[classes["padding"]].mean()
         top = logits.argmax(-1).flatten()  # each (head, pixel)'s highest-scoring position
-        sums["max_prob"] = sums.get("max_prob", 0.0) + float(logits.softmax(-1).amax(-1).mean())
-        sums["logit_spread"] = sums.get("logit_spread", 0.0) + float(logits.std(-1).mean())
+        sums["max_prob"] += float(logits.softmax(-1).amax(-1).mean())
+        sums["logit_spread"] += float(logits.std(-1).mean())
         for name, idx in classes.items():
-            sums[f"logit_{name}"] = sums.get(f"logit_{name}", 0.0) + float(per_pos[idx].mean() - pad)
-            sums[f"top_{name}"] = sums.get(f"top_{name}", 0.0) + float(torch.isin(top, torch.tensor(idx)).float().mean())
-            sums[f"out_norm_{name}"] = sums.get(f"out_norm_{name}", 0.0) + float(out_norm[idx].mean() / pad_norm)
+            sums[f"logit_{name}"] += float(per_pos[idx].mean() - pad)
+            sums[f"top_{name}"] += float(torch.isin(top, torch.tensor(idx)).float().mean())
+            sums[f"out_norm_{name}"] += float(out_norm[idx].mean() / pad_norm)
         count += 1
 
     cross = [m for n, m in pipe.unet.named_modules() if n.endswith("attn2")]
